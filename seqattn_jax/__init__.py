@@ -1,0 +1,33 @@
+"""seqattn_jax: paged KV caches and paged attention for JAX.
+
+The cache state and page allocator are pure, jit-compatible functions over pytrees (`state`), batches
+are packed into FlashInfer's CSR page-table format (`packing`), K/V live in one page pool for all
+layers (`kv`), and attention runs in FlashInfer's kernels on a GPU or in a pure-JAX reference
+(`reference`) anywhere. Importing this package never imports torch or flashinfer.
+"""
+
+from seqattn_jax.config import CacheConfig
+from seqattn_jax.head_ids import HeadIDGenerator, head_ids, split_head_ids
+from seqattn_jax.kv import append_kv, copy_pages, init_kv
+from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
+from seqattn_jax.state import (
+    CacheState,
+    Status,
+    allocate,
+    allocate_decoding,
+    fork,
+    init_state,
+    ref,
+    release,
+    share_prefix,
+    truncate,
+    unref,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheConfig", "CacheState", "HeadIDGenerator", "PackedBatch", "Status", "allocate",
+    "allocate_decoding", "append_kv", "copy_pages", "fork", "head_ids", "init_kv", "init_state",
+    "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "truncate", "unref",
+]

@@ -1,0 +1,87 @@
+"""The KV page pool: one array for every layer, and the writes into it.
+
+Layout (see `CacheConfig`): NHD `kv[L * P, 2, page_size, Hkv, D]`, HND `kv[L * P, 2, Hkv, page_size, D]`,
+K at `[:, 0]` and V at `[:, 1]`; page p of layer l is row `l * P + p`. One pool lets a `lax.scan` over
+layers carry the whole pool and address a layer by an index offset, with no slice materialised.
+
+Writes are scatters. Under `jax.jit(..., donate_argnums=...)` of the pool XLA performs them in place
+(no copy of the pool); without donation a functional update copies the whole pool.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqattn_jax.config import CacheConfig
+from seqattn_jax.packing import PackedBatch
+
+
+def init_kv(config: CacheConfig) -> jax.Array:
+    """A zero-filled pool of shape `config.kv_shape` and dtype `config.dtype`."""
+    return jnp.zeros(config.kv_shape, config.jnp_dtype)
+
+
+def check_pool(config: CacheConfig, kv, where: str = "kv") -> None:
+    """Trace-time check that `kv` is this config's pool (shape and dtype)."""
+    if not isinstance(config, CacheConfig):
+        raise ValueError(f"{where}: config must be a CacheConfig, got {type(config).__name__}")
+    if tuple(kv.shape) != config.kv_shape:
+        raise ValueError(f"{where}: kv must have shape {config.kv_shape} ({config.kv_layout}, "
+                         f"num_layers * num_pages rows), got {tuple(kv.shape)}")
+    if kv.dtype != config.jnp_dtype:
+        raise ValueError(f"{where}: kv must have dtype {config.dtype}, got {kv.dtype}")
+
+
+def _check_layer(config: CacheConfig, layer, where: str):
+    if isinstance(layer, int) and not 0 <= layer < config.num_layers:
+        raise ValueError(f"{where}: layer must be in [0, {config.num_layers}), got {layer}")
+    return jnp.asarray(layer, jnp.int32)
+
+
+def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, layer=0) -> jax.Array:
+    """Write each token row's K/V at its page slot (`packed.token_pages/token_offsets`) in layer `layer`.
+
+    Args:
+      kv: the pool (`config.kv_shape`).
+      keys, values: [T, Hkv, D] with T = `packed.num_token_rows`; cast to the pool dtype. Padding
+        rows (`packed.positions == -1`) are not written.
+      layer: int or traced int32 scalar.
+    Returns:
+      The updated pool (in place when the caller donates it).
+    """
+    check_pool(config, kv, "append_kv")
+    want = (packed.num_token_rows, config.num_kv_heads, config.head_dim)
+    for name, x in (("keys", keys), ("values", values)):
+        if tuple(x.shape) != want:
+            raise ValueError(f"append_kv: {name} must have shape [T, num_kv_heads, head_dim] = {want}, "
+                             f"got {tuple(x.shape)}")
+    layer = _check_layer(config, layer, "append_kv")
+    total = config.num_layers * config.num_pages
+    page = jnp.where(packed.token_pages >= 0, packed.token_pages + layer * config.num_pages, total)
+    off = jnp.maximum(packed.token_offsets, 0)
+    kvs = jnp.stack([keys, values], axis=1).astype(kv.dtype)  # [T, 2, Hkv, D]
+    which = jnp.arange(2, dtype=jnp.int32)[None, :]
+    if config.kv_layout == "NHD":
+        return kv.at[page[:, None], which, off[:, None]].set(kvs, mode="drop")
+    # HND: the advanced indices (page, which, off) are split by the head slice, so numpy rules put
+    # their broadcast dims [T, 2] first — matching kvs' [T, 2, Hkv, D].
+    return kv.at[page[:, None], which, :, off[:, None]].set(kvs, mode="drop")
+
+
+def copy_pages(config: CacheConfig, kv, copies) -> jax.Array:
+    """Copy whole pages in every layer: `copies` int32 [N, 2] rows of (src page, dst page), layer-0 ids
+    as `fork`/`truncate` return them; rows with a negative entry are skipped."""
+    check_pool(config, kv, "copy_pages")
+    copies = jnp.asarray(copies)
+    if copies.ndim != 2 or copies.shape[1] != 2 or not jnp.issubdtype(copies.dtype, jnp.integer):
+        raise ValueError(f"copy_pages: copies must be an int32 [N, 2] array, got {copies.dtype}{copies.shape}")
+    copies = copies.astype(jnp.int32)
+    total = config.num_layers * config.num_pages
+    use = jnp.all(copies >= 0, axis=1)
+    offs = (jnp.arange(config.num_layers, dtype=jnp.int32) * config.num_pages)[:, None]  # [L, 1]
+    src = jnp.where(use, copies[:, 0], 0)[None, :] + offs
+    dst = jnp.where(use[None, :], copies[:, 1][None, :] + offs, total)
+    # Gather every source before any write, so a page that is both a source and a destination in
+    # one call is read before it is overwritten.
+    return kv.at[dst.reshape(-1)].set(kv[src.reshape(-1)], mode="drop")

@@ -1,0 +1,550 @@
+"""`CacheState` and the functional, jit-compatible page allocator.
+
+The state is a pytree of small int32/bool arrays; every operation is a pure function
+`op(state, ...) -> (state, ok, ...)` (optax's shape: explicit state, no hidden mutation), vectorised
+over the batch with fixed shapes, so it runs inside `jax.jit` and compiles once per batch size.
+
+Semantics every operation keeps (checked by tests/test_state_props.py against a plain-Python model):
+  * `refcount[p]` = (page-table entries that name p) + (external references taken with `ref`).
+    Free pages have refcount 0 and appear in no page table.
+  * A slot's pages are `page_table[s, :pages_for(seq_lens[s])]`; the rest of the row is -1.
+    Inactive slots hold nothing (`seq_lens == 0`, row all -1).
+  * A partly filled last page is never shared (refcount 1): `fork` copies it and `truncate` copies a
+    shared page it cuts into (copy-on-write), so a write never reaches another sequence's tokens.
+  * All-or-nothing: if any request of a call fails, the returned state is the input state and
+    `ok[i]` is False for each failing request (the others read True). Padding requests (id < 0) are
+    ignored and always read True.
+
+Each op also has a `*_status` twin returning int32 `Status` codes instead of `ok`; `seqattn_jax.checked`
+turns those codes into exceptions that name the slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from seqattn_jax.config import CacheConfig
+
+
+class Status(enum.IntEnum):
+    """Why a request of an allocator call failed (int32 codes; `OK` = 0)."""
+
+    OK = 0
+    BAD_SLOT = 1  # sequence id >= config.max_seqs
+    DUPLICATE = 2  # the same slot twice in one call
+    INACTIVE = 3  # the op needs an existing sequence, the slot holds none
+    ACTIVE = 4  # the op needs a free slot, the slot already holds a sequence
+    TOO_LONG = 5  # would exceed config.max_pages_per_seq pages
+    OUT_OF_PAGES = 6  # not enough free pages for this request (and those before it)
+    BAD_LENGTH = 7  # negative length, truncation past the end, or a prefix not page-aligned
+    BAD_PAGE = 8  # page id outside [0, num_pages)
+    FREE_PAGE = 9  # ref/unref/share of a page that is not allocated
+    PAGE_HELD = 10  # unref would free a page a sequence still holds
+
+
+STATUS_MESSAGES = {
+    Status.BAD_SLOT: "sequence id is not a slot in [0, max_seqs)",
+    Status.DUPLICATE: "the same sequence id appears twice in one call",
+    Status.INACTIVE: "the slot holds no sequence",
+    Status.ACTIVE: "the slot already holds a sequence",
+    Status.TOO_LONG: "the sequence would need more than max_pages_per_seq pages",
+    Status.OUT_OF_PAGES: "not enough free pages",
+    Status.BAD_LENGTH: "invalid length",
+    Status.BAD_PAGE: "page id is not in [0, num_pages)",
+    Status.FREE_PAGE: "page is not allocated (refcount 0)",
+    Status.PAGE_HELD: "unref would free a page that a sequence still holds",
+}
+
+_I32 = jnp.int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    """Allocator state for one `CacheConfig` (every array int32 unless noted).
+
+    Attributes:
+      refcount: [num_pages] references to each page (0 = free).
+      page_table: [max_seqs, max_pages_per_seq] page ids of each slot, -1 where unused.
+      seq_lens: [max_seqs] tokens held by each slot.
+      active: bool [max_seqs] whether the slot holds a sequence.
+      config: the static `CacheConfig` (pytree metadata, not a leaf).
+    """
+
+    refcount: jax.Array
+    page_table: jax.Array
+    seq_lens: jax.Array
+    active: jax.Array
+    config: CacheConfig = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_free_pages(self) -> jax.Array:
+        """int32 scalar: pages with refcount 0."""
+        return jnp.sum(self.refcount == 0, dtype=_I32)
+
+    @property
+    def pages_held(self) -> jax.Array:
+        """int32 [max_seqs]: pages each slot holds."""
+        return self.config.pages_for(self.seq_lens)
+
+    def _replace(self, **kw) -> CacheState:
+        return dataclasses.replace(self, **kw)
+
+
+def init_state(config: CacheConfig) -> CacheState:
+    """An empty cache: every page free, every slot inactive."""
+    if not isinstance(config, CacheConfig):
+        raise ValueError(f"init_state: config must be a CacheConfig, got {type(config).__name__}")
+    return CacheState(
+        refcount=jnp.zeros((config.num_pages,), _I32),
+        page_table=jnp.full((config.max_seqs, config.max_pages_per_seq), -1, _I32),
+        seq_lens=jnp.zeros((config.max_seqs,), _I32),
+        active=jnp.zeros((config.max_seqs,), bool),
+        config=config,
+    )
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _as_ids(name: str, x, ndim: int = 1) -> jax.Array:
+    """Trace-time check that `x` is an integer array of rank `ndim`; returns it as int32."""
+    x = jnp.asarray(x)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be a rank-{ndim} integer array, got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
+    return x.astype(_I32)
+
+
+def _same_shape(name_a: str, a, name_b: str, b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {a.shape}, got {b.shape}")
+
+
+def _check_state(state) -> CacheState:
+    if not isinstance(state, CacheState):
+        raise ValueError(f"state must be a CacheState, got {type(state).__name__}")
+    return state
+
+
+def _first_error(*conds) -> jax.Array:
+    """int32 status per request: the code of the first (condition, code) pair that holds."""
+    status = jnp.zeros(conds[0][0].shape, _I32)
+    for cond, code in reversed(conds):
+        status = jnp.where(cond, _I32(code), status)
+    return status
+
+
+def _slot_checks(state: CacheState, ids: jax.Array):
+    """(is_request, in_range, duplicate, slot) for a batch of sequence ids; padding is id < 0."""
+    S = state.config.max_seqs
+    is_request = ids >= 0
+    in_range = is_request & (ids < S)
+    slot = jnp.where(in_range, ids, S)  # S = out of bounds: gathers clamp, scatters drop
+    counts = jnp.zeros((S,), _I32).at[slot].add(1, mode="drop")
+    duplicate = in_range & (counts.at[slot].get(mode="fill", fill_value=0) > 1)
+    return is_request, in_range, duplicate, slot
+
+
+def _take_first_free(refcount: jax.Array, count: int) -> jax.Array:
+    """int32 [count]: the lowest-numbered free pages (fill value num_pages when fewer are free)."""
+    P = refcount.shape[0]
+    return jnp.nonzero(refcount == 0, size=min(count, P), fill_value=P)[0].astype(_I32)
+
+
+def _ok(status: jax.Array) -> jax.Array:
+    return status == Status.OK
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+def _grant_pages(state: CacheState, slot, first_page, num_new, apply, max_new: int):
+    """Give request i `num_new[i]` fresh pages at page-table columns `first_page[i] + j`.
+
+    Free pages are handed out in order of request (a cumulative sum), so the grant is one scatter over
+    a [B, max_new] grid, with no loop. Returns (page_table, refcount, out_of_pages[B], pages[B, max_new]).
+    The state arrays change only where `apply` (a scalar) is True.
+    """
+    cfg = state.config
+    B = slot.shape[0]
+    ends = jnp.cumsum(num_new)
+    starts = ends - num_new
+    out_of_pages = (num_new > 0) & (ends > state.num_free_pages)
+    free = _take_first_free(state.refcount, B * max_new)
+    j = jnp.arange(max_new, dtype=_I32)[None, :]
+    take = (j < num_new[:, None]) & apply
+    pages = free.at[starts[:, None] + j].get(mode="fill", fill_value=cfg.num_pages)
+    pages = jnp.where(take, pages, -1)
+    rows = jnp.where(take, slot[:, None], cfg.max_seqs)
+    cols = first_page[:, None] + j
+    page_table = state.page_table.at[rows, cols].set(pages, mode="drop")
+    refcount = state.refcount.at[jnp.where(take, pages, cfg.num_pages)].set(1, mode="drop")
+    return page_table, refcount, pages
+
+
+def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new: int):
+    """Shared body of `allocate` / `allocate_decoding`: add new_lens[i] tokens to slot seq_ids[i]."""
+    cfg = state.config
+    is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
+    active = state.active.at[slot].get(mode="fill", fill_value=False)
+    old_len = jnp.where(active, state.seq_lens.at[slot].get(mode="fill", fill_value=0), 0)
+    new_len = old_len + jnp.maximum(new_lens, 0)
+    held = cfg.pages_for(old_len)
+    num_new = jnp.where(in_range, cfg.pages_for(new_len) - held, 0)
+    too_long = cfg.pages_for(new_len) > cfg.max_pages_per_seq
+    pre = _first_error(
+        (is_req & ~in_range, Status.BAD_SLOT),
+        (dup, Status.DUPLICATE),
+        (is_req & (new_lens < 0), Status.BAD_LENGTH),
+        (is_req & ~active if need_active else jnp.zeros_like(is_req), Status.INACTIVE),
+        (is_req & too_long, Status.TOO_LONG),
+    )
+    num_new = jnp.where(pre == Status.OK, num_new, 0)
+    ends = jnp.cumsum(num_new)
+    oop = (num_new > 0) & (ends > state.num_free_pages)
+    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
+    apply = jnp.all(status == Status.OK)
+    page_table, refcount, _ = _grant_pages(state, slot, held, num_new, apply, max_new)
+    upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
+    new_state = state._replace(
+        page_table=page_table,
+        refcount=refcount,
+        seq_lens=state.seq_lens.at[upd].set(new_len, mode="drop"),
+        active=state.active.at[upd].set(True, mode="drop"),
+    )
+    return new_state, status
+
+
+def allocate_status(state: CacheState, seq_ids, new_lens):
+    """`allocate` returning int32 `Status` codes [B] instead of a bool mask."""
+    state = _check_state(state)
+    seq_ids = _as_ids("allocate: seq_ids", seq_ids)
+    new_lens = _as_ids("allocate: new_lens", new_lens)
+    _same_shape("seq_ids", seq_ids, "allocate: new_lens", new_lens)
+    return _extend(state, seq_ids, new_lens, need_active=False,
+                   max_new=state.config.max_pages_per_seq)
+
+
+def allocate(state: CacheState, seq_ids, new_lens):
+    """Make room for `new_lens[i]` more tokens in slot `seq_ids[i]`, new or existing.
+
+    Args:
+      state: the cache state.
+      seq_ids: int32 [B] slots; ids < 0 are padding and ignored. An inactive slot starts a new
+        sequence (length 0 before this call).
+      new_lens: int32 [B] tokens to add (>= 0). The new tokens sit at positions
+        `old_len .. old_len + new_lens[i] - 1`, as `pack_for_flashinfer` reports them.
+    Returns:
+      (state, ok): ok is bool [B]. The state changed iff `ok.all()`; otherwise it is the input state
+      and ok[i] is False for each request that failed (bad slot, duplicate, negative length,
+      too long, out of pages — `allocate_status` says which).
+    """
+    state, status = allocate_status(state, seq_ids, new_lens)
+    return state, _ok(status)
+
+
+def allocate_decoding_status(state: CacheState, seq_ids):
+    """`allocate_decoding` returning int32 `Status` codes [B]."""
+    state = _check_state(state)
+    seq_ids = _as_ids("allocate_decoding: seq_ids", seq_ids)
+    return _extend(state, seq_ids, jnp.ones_like(seq_ids), need_active=True, max_new=1)
+
+
+def allocate_decoding(state: CacheState, seq_ids):
+    """One more token for each existing sequence `seq_ids[i]` (int32 [B], < 0 = padding).
+
+    A page is granted only where a sequence crosses a page boundary. Inactive slots fail with
+    `Status.INACTIVE`. All-or-nothing, like `allocate`. Returns (state, ok [B]).
+    """
+    state, status = allocate_decoding_status(state, seq_ids)
+    return state, _ok(status)
+
+
+# ----------------------------------------------------------------------------- release / truncate
+
+
+def _drop_pages(state: CacheState, slot, keep_pages, apply):
+    """Unreference columns `keep_pages[i]..` of row `slot[i]` (scatter-add, so shared pages and
+    duplicates across requests are counted exactly once per reference). Returns (page_table, refcount)."""
+    cfg = state.config
+    rows = state.page_table.at[slot].get(mode="fill", fill_value=-1)  # [B, M]
+    j = jnp.arange(cfg.max_pages_per_seq, dtype=_I32)[None, :]
+    drop = (j >= keep_pages[:, None]) & (rows >= 0) & apply
+    refcount = state.refcount.at[jnp.where(drop, rows, cfg.num_pages)].add(-1, mode="drop")
+    page_table = state.page_table.at[jnp.where(drop, slot[:, None], cfg.max_seqs), j].set(
+        -1, mode="drop")
+    return page_table, refcount
+
+
+def release_status(state: CacheState, seq_ids):
+    """`release` returning int32 `Status` codes [B]."""
+    state = _check_state(state)
+    seq_ids = _as_ids("release: seq_ids", seq_ids)
+    cfg = state.config
+    is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
+    active = state.active.at[slot].get(mode="fill", fill_value=False)
+    status = _first_error(
+        (is_req & ~in_range, Status.BAD_SLOT),
+        (dup, Status.DUPLICATE),
+        (is_req & ~active, Status.INACTIVE),
+    )
+    apply = jnp.all(status == Status.OK)
+    page_table, refcount = _drop_pages(state, slot, jnp.zeros_like(slot), apply)
+    upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
+    new_state = state._replace(
+        page_table=page_table,
+        refcount=refcount,
+        seq_lens=state.seq_lens.at[upd].set(0, mode="drop"),
+        active=state.active.at[upd].set(False, mode="drop"),
+    )
+    return new_state, status
+
+
+def release(state: CacheState, seq_ids):
+    """End the sequences `seq_ids` (int32 [B], < 0 = padding): each page loses one reference and is
+    free once its refcount reaches 0. Releasing an inactive slot (or one slot twice) fails with
+    `ok[i] = False` and changes nothing — no page is ever decremented twice. Returns (state, ok [B])."""
+    state, status = release_status(state, seq_ids)
+    return state, _ok(status)
+
+
+def truncate_status(state: CacheState, seq_ids, new_lens):
+    """`truncate` returning (state, status [B], copies [B, 2])."""
+    state = _check_state(state)
+    seq_ids = _as_ids("truncate: seq_ids", seq_ids)
+    new_lens = _as_ids("truncate: new_lens", new_lens)
+    _same_shape("seq_ids", seq_ids, "truncate: new_lens", new_lens)
+    cfg = state.config
+    is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
+    active = state.active.at[slot].get(mode="fill", fill_value=False)
+    old_len = state.seq_lens.at[slot].get(mode="fill", fill_value=0)
+    keep = cfg.pages_for(new_lens)
+    last = state.page_table.at[slot, jnp.maximum(keep - 1, 0)].get(mode="fill", fill_value=-1)
+    # Cutting into a page that someone else also references (a fork, the prefix cache): the next
+    # write would land in their tokens, so this sequence gets its own copy of that page.
+    cow = (is_req & (new_lens % cfg.page_size != 0) & (keep > 0)
+           & (state.refcount.at[last].get(mode="fill", fill_value=0) > 1))
+    pre = _first_error(
+        (is_req & ~in_range, Status.BAD_SLOT),
+        (dup, Status.DUPLICATE),
+        (is_req & ~active, Status.INACTIVE),
+        (is_req & ((new_lens < 0) | (new_lens > old_len)), Status.BAD_LENGTH),
+    )
+    num_new = jnp.where((pre == Status.OK) & cow, 1, 0).astype(_I32)
+    oop = (num_new > 0) & (jnp.cumsum(num_new) > state.num_free_pages)
+    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
+    apply = jnp.all(status == Status.OK)
+    # Drop the pages past the new end; a copied last page is dropped too and re-granted below.
+    drop_from = jnp.where(num_new > 0, keep - 1, keep)
+    page_table, refcount = _drop_pages(state, slot, drop_from, apply)
+    st = state._replace(page_table=page_table, refcount=refcount)
+    page_table, refcount, pages = _grant_pages(st, slot, keep - 1, num_new, apply, 1)
+    copies = jnp.stack([jnp.where(pages[:, 0] >= 0, last, -1), pages[:, 0]], axis=1)
+    upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
+    new_state = st._replace(page_table=page_table, refcount=refcount,
+                            seq_lens=state.seq_lens.at[upd].set(new_lens, mode="drop"))
+    return new_state, status, copies
+
+
+def truncate(state: CacheState, seq_ids, new_lens):
+    """Roll sequences back to `new_lens` tokens (e.g. rejected speculative tokens).
+
+    Args:
+      seq_ids: int32 [B] active slots (< 0 = padding). new_lens: int32 [B], `0 <= new_lens <= len`.
+    Returns:
+      (state, ok [B], copies int32 [B, 2]): pages past the new end lose a reference (freed at 0). If
+      the new last page is partly filled and shared, the sequence gets a fresh page and
+      `copies[i] = (shared page, fresh page)` must be copied with `kv.copy_pages` before the next
+      write (rows of -1 need no copy). All-or-nothing.
+    """
+    state, status, copies = truncate_status(state, seq_ids, new_lens)
+    return state, _ok(status), copies
+
+
+# ----------------------------------------------------------------------------- sharing
+
+
+def fork_status(state: CacheState, src_ids, dst_ids):
+    """`fork` returning (state, status [B], copies [B, 2])."""
+    state = _check_state(state)
+    src_ids = _as_ids("fork: src_ids", src_ids)
+    dst_ids = _as_ids("fork: dst_ids", dst_ids)
+    _same_shape("src_ids", src_ids, "fork: dst_ids", dst_ids)
+    cfg = state.config
+    M = cfg.max_pages_per_seq
+    s_req, s_in, _, s_slot = _slot_checks(state, src_ids)
+    d_req, d_in, d_dup, d_slot = _slot_checks(state, dst_ids)
+    is_req = s_req | d_req
+    s_active = state.active.at[s_slot].get(mode="fill", fill_value=False)
+    d_active = state.active.at[d_slot].get(mode="fill", fill_value=False)
+    length = jnp.where(s_active, state.seq_lens.at[s_slot].get(mode="fill", fill_value=0), 0)
+    full = length // cfg.page_size
+    partial = (length % cfg.page_size) != 0
+    pre = _first_error(
+        (is_req & ~(s_in & d_in), Status.BAD_SLOT),
+        (d_dup, Status.DUPLICATE),
+        (is_req & ~s_active, Status.INACTIVE),
+        (is_req & d_active, Status.ACTIVE),
+    )
+    num_new = jnp.where((pre == Status.OK) & partial, 1, 0).astype(_I32)
+    oop = (num_new > 0) & (jnp.cumsum(num_new) > state.num_free_pages)
+    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
+    apply = jnp.all(status == Status.OK)
+    ok_req = apply & is_req
+    # Full pages are shared: dst's row points at them and each gains a reference.
+    src_rows = state.page_table.at[s_slot].get(mode="fill", fill_value=-1)
+    j = jnp.arange(M, dtype=_I32)[None, :]
+    share = (j < full[:, None]) & ok_req[:, None]
+    refcount = state.refcount.at[jnp.where(share, src_rows, cfg.num_pages)].add(1, mode="drop")
+    page_table = state.page_table.at[jnp.where(share, d_slot[:, None], cfg.max_seqs), j].set(
+        src_rows, mode="drop")
+    # The partly filled last page is copied (copy-on-write done eagerly).
+    st = state._replace(page_table=page_table, refcount=refcount)
+    page_table, refcount, pages = _grant_pages(st, d_slot, full, num_new, apply, 1)
+    src_last = src_rows[jnp.arange(src_rows.shape[0]), jnp.minimum(full, M - 1)]
+    copies = jnp.stack([jnp.where(pages[:, 0] >= 0, src_last, -1), pages[:, 0]], axis=1)
+    upd = jnp.where(ok_req, d_slot, cfg.max_seqs)
+    new_state = st._replace(
+        page_table=page_table, refcount=refcount,
+        seq_lens=state.seq_lens.at[upd].set(length, mode="drop"),
+        active=state.active.at[upd].set(True, mode="drop"))
+    return new_state, status, copies
+
+
+def fork(state: CacheState, src_ids, dst_ids):
+    """Start sequence `dst_ids[i]` as a copy of `src_ids[i]` (beam search, parallel sampling).
+
+    Args:
+      src_ids: int32 [B] active slots; the same source may appear several times.
+      dst_ids: int32 [B] inactive, distinct slots. A pair with both ids < 0 is padding; a pair
+        with one negative id fails with BAD_SLOT.
+    Returns:
+      (state, ok [B], copies int32 [B, 2]): dst shares every full page of src (refcount + 1); a partly
+      filled last page is not shared — dst gets a fresh page and `copies[i] = (src page, dst page)`
+      must be copied with `kv.copy_pages` before dst is read or written. Rows of -1: nothing to copy.
+    """
+    state, status, copies = fork_status(state, src_ids, dst_ids)
+    return state, _ok(status), copies
+
+
+def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
+    """`share_prefix` returning (state, status [B])."""
+    state = _check_state(state)
+    seq_ids = _as_ids("share_prefix: seq_ids", seq_ids)
+    page_ids = _as_ids("share_prefix: page_ids", page_ids, ndim=2)
+    num_tokens = _as_ids("share_prefix: num_tokens", num_tokens)
+    _same_shape("seq_ids", seq_ids, "share_prefix: num_tokens", num_tokens)
+    if page_ids.shape[0] != seq_ids.shape[0]:
+        raise ValueError(f"share_prefix: page_ids must be [B, K] with B = {seq_ids.shape[0]}, "
+                         f"got {page_ids.shape}")
+    cfg = state.config
+    B, K = page_ids.shape
+    is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
+    active = state.active.at[slot].get(mode="fill", fill_value=False)
+    n = num_tokens // cfg.page_size
+    j = jnp.arange(K, dtype=_I32)[None, :]
+    used = (j < n[:, None]) & is_req[:, None]
+    bad_page = jnp.any(used & ((page_ids < 0) | (page_ids >= cfg.num_pages)), axis=1)
+    safe = jnp.where(used, page_ids, cfg.num_pages)
+    free_page = jnp.any(used & (state.refcount.at[safe].get(mode="fill", fill_value=1) == 0), axis=1)
+    status = _first_error(
+        (is_req & ~in_range, Status.BAD_SLOT),
+        (dup, Status.DUPLICATE),
+        (is_req & active, Status.ACTIVE),
+        (is_req & ((num_tokens < 0) | (num_tokens % cfg.page_size != 0)
+                   | (n > jnp.minimum(K, cfg.max_pages_per_seq))), Status.BAD_LENGTH),
+        (is_req & bad_page, Status.BAD_PAGE),
+        (is_req & free_page, Status.FREE_PAGE),
+    )
+    apply = jnp.all(status == Status.OK)
+    take = used & apply
+    refcount = state.refcount.at[jnp.where(take, page_ids, cfg.num_pages)].add(1, mode="drop")
+    cols = jnp.broadcast_to(j, (B, K))
+    page_table = state.page_table.at[jnp.where(take, slot[:, None], cfg.max_seqs), cols].set(
+        page_ids, mode="drop")
+    upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
+    new_state = state._replace(
+        refcount=refcount, page_table=page_table,
+        seq_lens=state.seq_lens.at[upd].set(num_tokens, mode="drop"),
+        active=state.active.at[upd].set(True, mode="drop"))
+    return new_state, status
+
+
+def share_prefix(state: CacheState, seq_ids, page_ids, num_tokens):
+    """Start new sequences on already-filled full pages (a cached prompt prefix).
+
+    Args:
+      seq_ids: int32 [B] inactive slots (< 0 = padding).
+      page_ids: int32 [B, K] page ids; row i's first `num_tokens[i] // page_size` entries are used.
+      num_tokens: int32 [B] prefix lengths, multiples of page_size (only full pages are shared,
+        so no write can reach them: the next token goes to a fresh page).
+    Returns:
+      (state, ok [B]): each used page gains a reference; the slot becomes active with length
+      num_tokens[i]. Pages must be allocated (refcount > 0). All-or-nothing.
+    """
+    state, status = share_prefix_status(state, seq_ids, page_ids, num_tokens)
+    return state, _ok(status)
+
+
+# ----------------------------------------------------------------------------- page references
+
+
+def _page_checks(state: CacheState, name: str, page_ids):
+    cfg = state.config
+    page_ids = _as_ids(name, page_ids)
+    is_req = page_ids >= 0
+    in_range = is_req & (page_ids < cfg.num_pages)
+    idx = jnp.where(in_range, page_ids, cfg.num_pages)
+    rc = state.refcount.at[idx].get(mode="fill", fill_value=0)
+    return page_ids, is_req, in_range, idx, rc
+
+
+def ref_status(state: CacheState, page_ids):
+    """`ref` returning (state, status [K])."""
+    state = _check_state(state)
+    page_ids, is_req, in_range, idx, rc = _page_checks(state, "ref: page_ids", page_ids)
+    status = _first_error((is_req & ~in_range, Status.BAD_PAGE), (is_req & (rc == 0), Status.FREE_PAGE))
+    apply = jnp.all(status == Status.OK)
+    refcount = state.refcount.at[jnp.where(apply, idx, state.config.num_pages)].add(1, mode="drop")
+    return state._replace(refcount=refcount), status
+
+
+def ref(state: CacheState, page_ids):
+    """Take an external reference on each page of `page_ids` (int32 [K], < 0 = padding; a page
+    listed twice gains two). Refused for free pages (a free page cannot be kept alive: it might
+    already be handed out). Returns (state, ok [K]); all-or-nothing."""
+    state, status = ref_status(state, page_ids)
+    return state, _ok(status)
+
+
+def unref_status(state: CacheState, page_ids):
+    """`unref` returning (state, status [K])."""
+    state = _check_state(state)
+    cfg = state.config
+    page_ids, is_req, in_range, idx, rc = _page_checks(state, "unref: page_ids", page_ids)
+    count = jnp.zeros((cfg.num_pages,), _I32).at[idx].add(1, mode="drop")
+    held = jnp.zeros((cfg.num_pages,), _I32).at[
+        jnp.where(state.page_table >= 0, state.page_table, cfg.num_pages)].add(1, mode="drop")
+    after = rc - count.at[idx].get(mode="fill", fill_value=0)
+    status = _first_error(
+        (is_req & ~in_range, Status.BAD_PAGE),
+        (is_req & (after < 0), Status.FREE_PAGE),
+        (is_req & (after < held.at[idx].get(mode="fill", fill_value=0)), Status.PAGE_HELD),
+    )
+    apply = jnp.all(status == Status.OK)
+    refcount = state.refcount.at[jnp.where(apply, idx, cfg.num_pages)].add(-1, mode="drop")
+    return state._replace(refcount=refcount), status
+
+
+def unref(state: CacheState, page_ids):
+    """Drop external references taken with `ref` (int32 [K], < 0 = padding). A page whose count
+    reaches 0 is free. Refused where it would go below 0 or below the references that sequences'
+    page tables hold (use `release`/`truncate` for those). Returns (state, ok [K]); all-or-nothing."""
+    state, status = unref_status(state, page_ids)
+    return state, _ok(status)
