@@ -125,6 +125,8 @@ class FlashInferProvider:
         st.arange_qo = torch.arange(B + 1, dtype=torch.int32, device=dev)
         st.arange_qo_host = torch.arange(B + 1, dtype=torch.int32)
         d = key.head_dim
+        st.mod_args = (st.q_dt, st.kv_dt, st.q_dt, torch.int32, d, d, st.pos, st.sliding,
+                       st.softcap)
         if key.kind == "decode" and key.decode_kernel == "cuda_core":
             st.module = _decode_module(st.q_dt, st.kv_dt, st.q_dt, d, st.pos, st.sliding,
                                        st.softcap)
@@ -160,7 +162,7 @@ class FlashInferProvider:
         return st.module.plan(
             float_ws, int_ws, pinned, qo_host, torch.from_numpy(indptr),
             self._kv_lens(indptr, lpl, key.page_size), total_rows, B, key.num_qo_heads,
-            key.num_kv_heads, key.page_size, False, key.head_dim, key.head_dim, causal,
+            key.num_kv_heads, key.page_size, key.cuda_graph, key.head_dim, key.head_dim, causal,
             key.window_left, -1, False, num_colocated, 0)
 
     def plan(self, slot, host):
@@ -168,7 +170,7 @@ class FlashInferProvider:
         if key.kind == "decode" and key.decode_kernel == "cuda_core":
             slot.plan_info = st.module.plan(
                 st.float_ws, st.int_ws, st.pinned, torch.from_numpy(host["indptr"]),
-                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, False,
+                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, key.cuda_graph,
                 key.window_left, key.logits_soft_cap, key.head_dim, key.head_dim,
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
         elif key.kind in ("decode", "pod"):
@@ -177,9 +179,11 @@ class FlashInferProvider:
                 host["lpl"], key.batch_size, False)
         elif key.kind == "prefill":
             qo = host["qo_indptr"]
+            # CUDA-graph mode sizes the schedule for the static row count (plan_info constant)
+            rows = key.num_rows if key.cuda_graph else int(qo[-1])
             slot.plan_info = self._plan_prefill_like(
                 st, key, st.float_ws, st.int_ws, st.pinned, torch.from_numpy(qo.copy()),
-                host["indptr"], host["lpl"], int(qo[-1]), key.causal)
+                host["indptr"], host["lpl"], rows, key.causal)
         elif key.kind == "batch_pod":
             slot.plan_info = self._plan_prefill_like(
                 st, key, st.float_ws_d, st.int_ws, st.pinned, st.arange_qo_host, host["indptr"],
@@ -258,6 +262,18 @@ class FlashInferProvider:
 
 
 PROVIDER = FlashInferProvider()
+
+
+def raw_decode_module(st):
+    """The CUDA-core decode module itself (tvm-ffi Module: plan / run functions), for the FFI path."""
+    fi = _fi()
+    return fi.decode.gen_batch_decode_module(*st.mod_args).build_and_load()
+
+
+def raw_prefill_module(st):
+    """The FA2 prefill module itself (equal K/V strides variant: plan / paged_run), for the FFI path."""
+    fi = _fi()
+    return fi.prefill._gen_batch_prefill_primary_module("fa2", *st.mod_args, False).build_and_load()
 
 
 def decode_supported_group_sizes() -> tuple[int, ...]:

@@ -39,6 +39,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,13 @@ TENSOR_CORE_MIN_GROUP = 4
 # append_kv's implementation under the FlashInfer backend when impl="auto" (benchmarks/README.md):
 # the JAX scatter costs no host round trip per layer; FlashInfer's append kernel needs a callback.
 DEFAULT_APPEND_IMPL = "scatter"
+# How FlashInfer's decode / prefill runs enter XLA: "ffi" (an XLA FFI custom call through
+# jax-tvm-ffi and a small C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++
+# compiler for the shim's one-time build), "callback" (a buffer_callback per call: Python per
+# layer), or "auto" (ffi when it is available). POD, batch POD and FlashInfer's append always use
+# buffer_callback. Set here or with the environment variable SEQATTN_JAX_BRIDGE.
+BRIDGE = os.environ.get("SEQATTN_JAX_BRIDGE", "auto")
+BRIDGES = ("auto", "ffi", "callback")
 # The bridge's kernel provider for backend "flashinfer". Tests set "torch" (the bridge's small torch
 # kernels) to exercise the same plan / callback / aliasing mechanics on a CPU.
 _PROVIDER = "flashinfer"
@@ -195,6 +203,19 @@ def _choose(backend: str, reason: str | None) -> str:
     return resolved
 
 
+def _use_ffi(kind: str) -> bool:
+    """Whether this plan's runs go through the XLA FFI path (see `BRIDGE`)."""
+    if BRIDGE not in BRIDGES:
+        raise ValueError(f"seqattn_jax.attention.BRIDGE must be one of {BRIDGES}, got {BRIDGE!r}")
+    if BRIDGE == "callback" or kind not in ("decode", "prefill") or _PROVIDER != "flashinfer":
+        return False
+    ok = bridge_module("ffi").available()
+    if BRIDGE == "ffi" and not ok:
+        raise RuntimeError("seqattn_jax.attention.BRIDGE='ffi' needs the jax-tvm-ffi package and a "
+                           "C++ compiler for the shim (tvm_ffi.cpp.load_inline)")
+    return ok
+
+
 def _decode_kernel(decode_kernel: str, group: int) -> str:
     if decode_kernel != "auto":
         return decode_kernel
@@ -307,7 +328,7 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
         pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
         logits_soft_cap=float(logits_soft_cap),
         decode_kernel=_decode_kernel(decode_kernel, num_qo_heads // config.num_kv_heads),
-        slot=slot)
+        cuda_graph=_use_ffi("decode"), slot=slot)
     token = ops.plan(key, *_meta_arrays_decode(packed, b))
     return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
 
@@ -338,7 +359,7 @@ def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
         kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype, causal=bool(causal),
         pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-        logits_soft_cap=float(logits_soft_cap), slot=slot)
+        logits_soft_cap=float(logits_soft_cap), cuda_graph=_use_ffi("prefill"), slot=slot)
     token = ops.plan(key, packed.kv_page_indptr, packed.kv_last_page_len, packed.qo_indptr,
                      packed.batch_indices)
     return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
@@ -485,9 +506,9 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, sm
     _check_key_shapes("batch_decode", key, q_shape=(tuple(q.shape), (key.batch_size,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    ops = bridge_module("ops")
-    res = ops.decode(key, rp, plan.token, q, kv, packed.kv_page_indptr,
-                     _layer_indices(config, packed, layer), packed.kv_last_page_len)
+    run = bridge_module("ffi").decode if key.cuda_graph else bridge_module("ops").decode
+    res = run(key, rp, plan.token, q, kv, packed.kv_page_indptr,
+              _layer_indices(config, packed, layer), packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]
 
 
@@ -519,9 +540,9 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, c
     _check_key_shapes("batch_prefill", key, q_shape=(tuple(q.shape), (key.num_rows,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    ops = bridge_module("ops")
-    res = ops.prefill(key, rp, plan.token, q, kv, packed.qo_indptr, packed.kv_page_indptr,
-                      _layer_indices(config, packed, layer), packed.kv_last_page_len)
+    run = bridge_module("ffi").prefill if key.cuda_graph else bridge_module("ops").prefill
+    res = run(key, rp, plan.token, q, kv, packed.qo_indptr, packed.kv_page_indptr,
+              _layer_indices(config, packed, layer), packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]
 
 

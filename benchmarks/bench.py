@@ -1,0 +1,533 @@
+"""Benchmarks of the FlashInfer bridge (run on a Hopper GPU; writes JSON, prints tables).
+
+    python3 benchmarks/bench.py all --out benchmarks/results     # or: copy kernel step pod
+
+Shapes (issue 3): Hq=32, Hkv=8, D=128, page 16, fp16; (batch, context) in {64/1024, 64/4096,
+256/2048}.
+
+  copy    device-to-device copy bandwidth (bytes read + written), the practical roofline
+  kernel  one decode call: seqattn_jax through jax.jit (tensor-core and CUDA-core kernels, the
+          buffer_callback and the XLA FFI bridges) vs the same FlashInfer wrapper called from torch
+          vs jax's Pallas `paged_attention` vs a pure-XLA gather + einsum; TB/s of KV read
+  step    a 32-layer decode step (allocate_decoding -> pack -> plan -> per layer append_kv +
+          batch_decode) in one jax.jit, Python loop and lax.scan, both bridges, vs the same
+          FlashInfer kernels from torch eager and from a torch CUDA graph
+  pod     POD and batch POD vs separate prefill + decode calls (jit and torch), bs=128, ctx=2048,
+          prefill 2048
+
+Timing: JAX figures are the wall time of one jitted program that runs N chained calls (each call's
+output is the next call's query, so nothing is dropped and the calls serialise), after warm-up,
+divided by N; median of several repeats. torch figures use CUDA events around N calls (eager) or
+graph replays. All on one GPU in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import seqattn_jax as sj
+from seqattn_jax import attention
+
+HQ, HKV, D, PS = 32, 8, 128, 16
+SHAPES = [(64, 1024), (64, 4096), (256, 2048)]
+DT = "float16"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def time_jax(fn, args, n_inner, repeats=5):
+    """Median seconds per inner call of a jitted `fn(*args)` that runs n_inner chained calls."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / n_inner)
+    return statistics.median(ts)
+
+
+def time_torch(fn, n_inner, repeats=5):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(n_inner):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3 / n_inner)
+    return statistics.median(ts)
+
+
+def time_graph(graph, n_inner, repeats=5):
+    import torch
+
+    graph.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(n_inner):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3 / n_inner)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# problem construction
+
+
+def make_decode_problem(bs, ctx, num_layers=1, extra_tokens=0, seed=0, prefill=0):
+    """A cache with `bs` sequences of `ctx` tokens (plus, with `prefill`, one more sequence of
+    `prefill` tokens in slot `bs`), pages in random order, random K/V in every layer."""
+    lens = [ctx] * bs + ([prefill] if prefill else [])
+    nseq = len(lens)
+    pages_per_seq = max(-(-(n + extra_tokens) // PS) for n in lens)
+    num_pages = sum(-(-(n + extra_tokens) // PS) for n in lens) + 8
+    cfg = sj.CacheConfig(num_pages=num_pages, page_size=PS, num_kv_heads=HKV, head_dim=D,
+                         max_seqs=nseq, max_pages_per_seq=pages_per_seq, num_layers=num_layers,
+                         dtype=DT)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(num_pages).astype(np.int32)
+    table = np.full((nseq, pages_per_seq), -1, np.int32)
+    cur = 0
+    for i, n in enumerate(lens):
+        k = -(-n // PS)
+        table[i, :k] = perm[cur:cur + k]
+        cur += k
+    refcount = np.zeros(num_pages, np.int32)
+    refcount[table[table >= 0]] = 1
+    state = sj.init_state(cfg)
+    state = dataclasses.replace(state, refcount=jnp.asarray(refcount),
+                                page_table=jnp.asarray(table),
+                                seq_lens=jnp.asarray(lens, jnp.int32),
+                                active=jnp.ones((nseq,), bool))
+    key = jax.random.PRNGKey(seed)
+    kv = (jax.random.normal(key, cfg.kv_shape, jnp.float32) * 0.5).astype(cfg.jnp_dtype)
+    return cfg, state, kv
+
+
+def decode_bytes(bs, ctx):
+    return bs * ctx * HKV * D * 2 * 2  # K and V, fp16
+
+
+# ---------------------------------------------------------------------------------------------
+# copy bandwidth
+
+
+def bench_copy():
+    import torch
+
+    n = 4 * 1024**3 // 2
+    a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    t = time_torch(lambda: b.copy_(a), 20)
+    bw = 2 * a.numel() * 2 / t / 1e12
+    log(f"copy: {bw:.2f} TB/s (read+write of {a.numel() * 2 / 1e9:.1f} GB in {t * 1e3:.2f} ms)")
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_tb_s": bw}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel
+
+
+def _torch_decode_wrapper(cfg, packed, use_tc):
+    import flashinfer
+    import torch
+
+    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=use_tc)
+    indptr = torch.from_dlpack(packed.kv_page_indptr)
+    indices = torch.from_dlpack(packed.kv_page_indices)
+    lpl = torch.from_dlpack(packed.kv_last_page_len)
+    w.plan(indptr.cpu(), indices, lpl.cpu(), HQ, HKV, D, PS, q_data_type=torch.float16,
+           kv_data_type=torch.float16)
+    return w
+
+
+def bench_kernel(n_inner=50):
+    import torch
+
+    rows = []
+    for bs, ctx in SHAPES:
+        cfg, state, kv = make_decode_problem(bs, ctx)
+        packed = sj.pack_for_flashinfer(state, jnp.arange(bs, dtype=jnp.int32))
+        q = jax.random.normal(jax.random.PRNGKey(1), (bs, HQ, D), jnp.float32).astype(DT)
+        nbytes = decode_bytes(bs, ctx)
+        res = {"bs": bs, "ctx": ctx, "kv_bytes": nbytes}
+
+        # torch: the FlashInfer wrappers
+        kv_t = torch.from_dlpack(kv)
+        q_t = torch.from_dlpack(q).clone()
+        for name, tc in (("torch_tc", True), ("torch_cuda_core", False)):
+            w = _torch_decode_wrapper(cfg, packed, tc)
+            out_t = torch.empty_like(q_t)
+            res[name] = time_torch(lambda: w.run(q_t, kv_t, out=out_t), n_inner)
+            del w
+
+        # seqattn_jax through jit
+        for bridge in ("callback", "ffi"):
+            attention.BRIDGE = bridge
+            if bridge == "ffi" and not attention.bridge_module("ffi").available():
+                continue
+            for kernel in ("tensor_core", "cuda_core"):
+                def many(q, kv, packed, kernel=kernel):
+                    plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer",
+                                                 decode_kernel=kernel)
+                    for _ in range(n_inner):
+                        q = attention.batch_decode(cfg, q, kv, packed, plan=plan)
+                    return q
+                res[f"jax_{bridge}_{'tc' if kernel == 'tensor_core' else 'cuda_core'}"] = \
+                    time_jax(jax.jit(many), (q, kv, packed), n_inner)
+        attention.BRIDGE = "auto"
+
+        # Pallas paged_attention (head-major K/V pages, no softmax scale: pre-scale q)
+        try:
+            from jax.experimental.pallas.ops.gpu import paged_attention as pa
+
+            k_pages = jnp.transpose(kv[:, 0], (2, 0, 1, 3))   # [Hkv, P, page, D]
+            v_pages = jnp.transpose(kv[:, 1], (2, 0, 1, 3))
+            table = state.page_table
+            lengths = state.seq_lens
+            scale = 1.0 / math.sqrt(D)
+
+            def pallas_many(q, k_pages, v_pages, table, lengths):
+                for _ in range(n_inner):
+                    q = pa.paged_attention(q * jnp.asarray(scale, q.dtype), k_pages, v_pages,
+                                           table, lengths, k_splits=16).astype(q.dtype)
+                return q
+
+            res["pallas"] = time_jax(jax.jit(pallas_many), (q, k_pages, v_pages, table, lengths),
+                                     n_inner)
+            del k_pages, v_pages
+        except Exception as e:  # noqa: BLE001
+            log(f"  pallas failed: {type(e).__name__}: {str(e)[:200]}")
+            res["pallas"] = None
+
+        # pure XLA: gather the pages, einsum, softmax
+        def xla_decode(q, kv, table, lengths):
+            pages = jnp.take(kv, table, axis=0)               # [B, n, 2, page, Hkv, D]
+            b, n = table.shape
+            k = pages[:, :, 0].reshape(b, n * PS, HKV, D)
+            v = pages[:, :, 1].reshape(b, n * PS, HKV, D)
+            qg = q.reshape(b, HKV, HQ // HKV, D)
+            s = jnp.einsum("bhgd,bthd->bhgt", qg, k, preferred_element_type=jnp.float32)
+            s = s / math.sqrt(D)
+            mask = jnp.arange(n * PS)[None, :] < lengths[:, None]
+            s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+            p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+            o = jnp.einsum("bhgt,bthd->bhgd", p, v, preferred_element_type=jnp.float32)
+            return o.reshape(b, HQ, D).astype(q.dtype)
+
+        table = jnp.where(state.page_table >= 0, state.page_table, 0)[:, : -(-ctx // PS)]
+
+        def xla_many(q, kv, table, lengths):
+            for _ in range(10):
+                q = xla_decode(q, kv, table, lengths)
+            return q
+
+        res["xla_gather"] = time_jax(jax.jit(xla_many), (q, kv, table, state.seq_lens), 10)
+        del kv_t, q_t, kv
+        rows.append(res)
+        log(_kernel_row(res))
+    return rows
+
+
+def _kernel_row(r):
+    nb = r["kv_bytes"]
+    parts = [f"bs={r['bs']:>3} ctx={r['ctx']:>4}:"]
+    for k, v in r.items():
+        if k in ("bs", "ctx", "kv_bytes") or v is None:
+            continue
+        parts.append(f"{k}={v * 1e6:.0f}us({nb / v / 1e12:.2f}TB/s)")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-layer decode step
+
+
+def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
+    import flashinfer
+    import torch
+
+    res = {"bs": bs, "ctx": ctx, "num_layers": num_layers}
+    cfg, state0, kv0 = make_decode_problem(bs, ctx, num_layers=num_layers,
+                                           extra_tokens=4 * steps + 16)
+    seq_ids = jnp.arange(bs, dtype=jnp.int32)
+    key = jax.random.PRNGKey(3)
+    q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
+    kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
+
+    def make_step(use_scan):
+        def step(state, kv):
+            state, ok = sj.allocate_decoding(state, seq_ids)
+            packed = sj.pack_for_flashinfer(state, seq_ids)
+            plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+
+            def layer(carry, l):
+                kv, x = carry
+                kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan)
+                o = attention.batch_decode(cfg, q[l] + x, kv, packed, layer=l, plan=plan)
+                return (kv, o), None
+
+            x = jnp.zeros((bs, HQ, D), DT)
+            if use_scan:
+                (kv, x), _ = jax.lax.scan(layer, (kv, x), jnp.arange(num_layers, dtype=jnp.int32))
+            else:
+                for l in range(num_layers):
+                    (kv, x), _ = layer((kv, x), l)
+            return state, kv, x
+
+        return jax.jit(step, donate_argnums=(1,))
+
+    for bridge in ("callback", "ffi"):
+        attention.BRIDGE = bridge
+        if bridge == "ffi" and not attention.bridge_module("ffi").available():
+            continue
+        for use_scan in (False, True):
+            step = make_step(use_scan)
+            state, kv = state0, kv0 + 0
+            ptr = kv.unsafe_buffer_pointer()
+            for _ in range(3):                       # warm-up / compile
+                state, kv, x = step(state, kv)
+            jax.block_until_ready(x)
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(steps // 3):
+                    state, kv, x = step(state, kv)
+                jax.block_until_ready(x)
+                ts.append((time.perf_counter() - t0) / (steps // 3))
+            name = f"jax_{bridge}_{'scan' if use_scan else 'loop'}"
+            res[name] = statistics.median(ts)
+            res[name + "_no_copy"] = kv.unsafe_buffer_pointer() == ptr
+            log(f"  {name}: {res[name] * 1e3:.3f} ms/step (pool not copied: {res[name + '_no_copy']})")
+            del kv
+    attention.BRIDGE = "auto"
+
+    # torch: the same kernels (tensor-core decode, FlashInfer append), eager and CUDA graph
+    packed = sj.pack_for_flashinfer(state0, seq_ids)
+    kv_t = torch.from_dlpack(kv0).clone()
+    P = cfg.num_pages
+    indptr = torch.from_dlpack(packed.kv_page_indptr).clone()
+    indices = torch.from_dlpack(packed.kv_page_indices).clone()
+    lpl = torch.from_dlpack(packed.kv_last_page_len).clone()
+    q_t = torch.from_dlpack(q).clone()
+    k_t = torch.from_dlpack(kk).clone()
+    kv_layers = kv_t.view(num_layers, P, *kv_t.shape[1:])      # per-layer views, no copy
+    seq_lens = flashinfer.get_seq_lens(indptr, lpl, PS)
+    bi, pos = flashinfer.get_batch_indices_positions(
+        torch.arange(bs + 1, dtype=torch.int32, device="cuda"), seq_lens, bs)
+    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    indptr_h, lpl_h = indptr.cpu(), lpl.cpu()
+    outs = [torch.empty(bs, HQ, D, dtype=torch.float16, device="cuda") for _ in range(2)]
+
+    def layers(wr):
+        x = torch.zeros_like(outs[0])
+        for l in range(num_layers):
+            flashinfer.append_paged_kv_cache(k_t[l], k_t[l], bi, pos, kv_layers[l], indices,
+                                             indptr, lpl, "NHD")
+            wr.run(q_t[l] + x, kv_layers[l], out=outs[l % 2])
+            x = outs[l % 2]
+        return x
+
+    def torch_step():
+        w.plan(indptr_h, indices, lpl_h, HQ, HKV, D, PS, q_data_type=torch.float16)
+        layers(w)
+
+    res["torch_eager"] = time_torch(torch_step, steps)
+    log(f"  torch_eager: {res['torch_eager'] * 1e3:.3f} ms/step")
+
+    # CUDA graph: plan outside, capture the 32 layers
+    wg = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        ws, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=indices.clone(),
+        paged_kv_last_page_len_buffer=lpl.clone())
+    wg.plan(indptr_h, indices, lpl_h, HQ, HKV, D, PS, q_data_type=torch.float16)
+
+    def graph_layers():
+        return layers(wg)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph_layers()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        graph_layers()
+
+    def graph_step():
+        wg.plan(indptr_h, indices, lpl_h, HQ, HKV, D, PS, q_data_type=torch.float16)
+        g.replay()
+
+    res["torch_cuda_graph"] = time_torch(graph_step, steps)
+    res["torch_cuda_graph_replay_only"] = time_graph(g, steps)
+    log(f"  torch_cuda_graph: {res['torch_cuda_graph'] * 1e3:.3f} ms/step "
+        f"(replay only {res['torch_cuda_graph_replay_only'] * 1e3:.3f})")
+    for k in list(res):
+        if k.startswith("jax_") and not k.endswith("_no_copy"):
+            res[k + "_vs_torch_eager"] = res[k] / res["torch_eager"]
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# POD
+
+
+def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
+    import flashinfer
+    import torch
+
+    res = {"bs": bs, "ctx": ctx, "prefill": prefill}
+    cfg, state, kv = make_decode_problem(bs, ctx, prefill=prefill)
+    # slot bs holds the prefill request: all its `prefill` tokens are this step's queries
+    packed_d = sj.pack_for_flashinfer(state, jnp.arange(bs, dtype=jnp.int32))
+    packed_p = sj.pack_for_flashinfer(state, jnp.asarray([bs], jnp.int32),
+                                      jnp.asarray([prefill], jnp.int32), max_tokens=prefill)
+    key = jax.random.PRNGKey(5)
+    q_d = jax.random.normal(key, (bs, HQ, D), jnp.float32).astype(DT)
+    q_p = jax.random.normal(key, (prefill, HQ, D), jnp.float32).astype(DT)
+    k_p = jax.random.normal(key, (prefill, HKV, D), jnp.float32).astype(DT)
+    v_p = k_p * 0.5
+
+    def pod_many(q_p, k_p, v_p, q_d, kv, packed_d):
+        plan = attention.plan_pod(cfg, packed_d, HQ, backend="flashinfer")
+        for _ in range(n_inner):
+            q_p, q_d = attention.pod(cfg, q_p, k_p, v_p, q_d, kv, packed_d, causal_p=True,
+                                     plan=plan)
+        return q_p, q_d
+
+    def sep_many(q_p, q_d, kv, packed_p, packed_d):
+        plan_p = attention.plan_prefill(cfg, packed_p, HQ, causal=True, backend="flashinfer")
+        plan_d = attention.plan_decode(cfg, packed_d, HQ, backend="flashinfer")
+        for _ in range(n_inner):
+            q_p = attention.batch_prefill(cfg, q_p, kv, packed_p, causal=True, plan=plan_p)
+            q_d = attention.batch_decode(cfg, q_d, kv, packed_d, plan=plan_d)
+        return q_p, q_d
+
+    def bpod_many(q_p, q_d, kv, packed_p, packed_d):
+        plan = attention.plan_batch_pod(cfg, packed_p, packed_d, HQ, causal_p=True,
+                                        backend="flashinfer")
+        for _ in range(n_inner):
+            q_p, q_d = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, causal_p=True,
+                                           plan=plan)
+        return q_p, q_d
+
+    for bridge in ("callback", "ffi"):
+        attention.BRIDGE = bridge
+        if bridge == "ffi" and not attention.bridge_module("ffi").available():
+            continue
+        res[f"jax_{bridge}_separate"] = time_jax(jax.jit(sep_many), (q_p, q_d, kv, packed_p,
+                                                                     packed_d), n_inner)
+        log(f"  jax_{bridge}_separate: {res[f'jax_{bridge}_separate'] * 1e6:.0f} us")
+    attention.BRIDGE = "callback"
+    t0 = time.time()
+    res["jax_pod"] = time_jax(jax.jit(pod_many), (q_p, k_p, v_p, q_d, kv, packed_d), n_inner)
+    log(f"  jax_pod: {res['jax_pod'] * 1e6:.0f} us (incl. first-use build {time.time() - t0:.0f}s)")
+    t0 = time.time()
+    res["jax_batch_pod"] = time_jax(jax.jit(bpod_many), (q_p, q_d, kv, packed_p, packed_d), n_inner)
+    log(f"  jax_batch_pod: {res['jax_batch_pod'] * 1e6:.0f} us (incl. build {time.time() - t0:.0f}s)")
+    attention.BRIDGE = "auto"
+
+    # torch: POD wrapper vs single prefill (contiguous K/V) + decode
+    kv_t = torch.from_dlpack(kv)
+    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    ind = torch.from_dlpack(packed_d.kv_page_indices)
+    ipt = torch.from_dlpack(packed_d.kv_page_indptr).cpu()
+    lp = torch.from_dlpack(packed_d.kv_last_page_len).cpu()
+    pw = flashinfer.PODWithPagedKVCacheWrapper(ws, "NHD")
+    pw.plan(ipt, ind, lp, HQ, HKV, D, PS, q_data_type=torch.float16)
+    qp_t, kp_t, vp_t = (torch.from_dlpack(x).clone() for x in (q_p, k_p, v_p))
+    qd_t = torch.from_dlpack(q_d).clone()
+    res["torch_pod"] = time_torch(lambda: pw.run(qp_t, kp_t, vp_t, qd_t, kv_t, causal_p=True),
+                                  n_inner)
+    dw = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    dw.plan(ipt, ind, lp, HQ, HKV, D, PS, q_data_type=torch.float16)
+
+    def torch_sep():
+        flashinfer.single_prefill_with_kv_cache(qp_t, kp_t, vp_t, causal=True, backend="fa2")
+        dw.run(qd_t, kv_t)
+
+    res["torch_separate"] = time_torch(torch_sep, n_inner)
+    log(f"  torch_pod: {res['torch_pod'] * 1e6:.0f} us, torch_separate: "
+        f"{res['torch_separate'] * 1e6:.0f} us")
+    res["pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_pod"]
+    res["batch_pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_batch_pod"]
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="+", choices=["all", "copy", "kernel", "step", "pod"])
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    what = {"copy", "kernel", "step", "pod"} if "all" in args.what else set(args.what)
+    import flashinfer
+    import torch
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "jax": jax.__version__,
+            "torch": torch.__version__, "flashinfer": flashinfer.__version__,
+            "python": platform.python_version(),
+            "ffi_available": attention.bridge_module("ffi").available(),
+            "shapes": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PS, "dtype": DT}}
+    log(json.dumps(meta))
+    results = {"meta": meta}
+    if "copy" in what:
+        results["copy"] = bench_copy()
+    if "kernel" in what:
+        log("== kernel")
+        results["kernel"] = bench_kernel()
+    if "step" in what:
+        log("== step")
+        results["step"] = bench_step()
+    if "pod" in what:
+        log("== pod")
+        results["pod"] = bench_pod()
+    name = "_".join(sorted(what))
+    path = out_dir / f"bench_{name}.json"
+    path.write_text(json.dumps(results, indent=1))
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Bridge mechanics on a CPU: buffer_callback + DLPack zero-copy, in-place aliasing with donation,
+plan tokens shared by layers, padding, errors and backend selection.
+
+FlashInfer needs a GPU, so the plan/run callbacks here drive the bridge's small torch kernels
+(`bridge/torch_provider.py`) through exactly the code path the FlashInfer backend uses
+(`seqattn_jax.attention` -> `bridge.ops` -> buffer_callback). Skipped when torch is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from seqattn_jax import attention, reference  # noqa: E402
+from seqattn_jax.config import CacheConfig  # noqa: E402
+from seqattn_jax.kv import append_kv as scatter_append  # noqa: E402
+from seqattn_jax.packing import PackedBatch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+interop = attention.bridge_module("interop")
+ops = attention.bridge_module("ops")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_config(layout="NHD", dtype="float16", num_layers=3, hkv=2, head_dim=64, page_size=4):
+    return CacheConfig(num_pages=48, page_size=page_size, num_kv_heads=hkv, head_dim=head_dim,
+                       max_seqs=8, max_pages_per_seq=8, num_layers=num_layers, dtype=dtype,
+                       kv_layout=layout)
+
+
+def make_packed(rng, cfg, kv_lens, q_lens=None, num_rows=None):
+    """Requests of `kv_lens` tokens (0 = padding request), pages in random order from 1..P-1."""
+    ps, b = cfg.page_size, len(kv_lens)
+    perm = 1 + rng.permutation(cfg.num_pages - 1)
+    page_lists, cur = [], 0
+    for n in kv_lens:
+        k = -(-n // ps)
+        page_lists.append(perm[cur:cur + k])
+        cur += k
+    counts = [len(p) for p in page_lists]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    indices = np.zeros(b * cfg.max_pages_per_seq, np.int32)
+    if indptr[-1]:
+        indices[: indptr[-1]] = np.concatenate(page_lists)
+    last = np.array([n - (c - 1) * ps if c else 0 for n, c in zip(kv_lens, counts)], np.int32)
+    if q_lens is None:
+        q_lens = [1 if n else 0 for n in kv_lens]
+        num_rows = b
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t = int(qo[-1]) if num_rows is None else num_rows
+    bi, pos, tp, to = (np.full(t, -1, np.int32) for _ in range(4))
+    for r in range(b):
+        for i, row in enumerate(range(qo[r], qo[r + 1])):
+            p = kv_lens[r] - q_lens[r] + i
+            bi[row], pos[row], tp[row], to[row] = r, p, page_lists[r][p // ps], p % ps
+    packed = PackedBatch(
+        seq_ids=jnp.asarray([r if n else -1 for r, n in enumerate(kv_lens)], jnp.int32),
+        kv_page_indptr=jnp.asarray(indptr), kv_page_indices=jnp.asarray(indices),
+        kv_last_page_len=jnp.asarray(last), seq_lens=jnp.asarray(kv_lens, jnp.int32),
+        qo_indptr=jnp.asarray(qo), batch_indices=jnp.asarray(bi), positions=jnp.asarray(pos),
+        token_pages=jnp.asarray(tp), token_offsets=jnp.asarray(to))
+    return packed, page_lists
+
+
+def make_pool(rng, cfg, page_lists, kv_lens):
+    """Random pool with NaN in every free page and past each request's length, in every layer."""
+    pool = rng.standard_normal(cfg.kv_shape).astype(np.float32)
+    used = np.zeros(cfg.num_pages, bool)
+    for p in page_lists:
+        used[p] = True
+    for layer in range(cfg.num_layers):
+        base = layer * cfg.num_pages
+        pool[base + np.flatnonzero(~used)] = np.nan
+        for pages, n in zip(page_lists, kv_lens):
+            if n:
+                tail = slice((n - 1) % cfg.page_size + 1, None)
+                if cfg.kv_layout == "NHD":
+                    pool[base + pages[-1], :, tail] = np.nan
+                else:
+                    pool[base + pages[-1], :, :, tail] = np.nan
+    return jnp.asarray(pool).astype(cfg.jnp_dtype)
+
+
+def rand(rng, shape, dtype="float16"):
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def close(a, b, tol=2e-2):
+    chex.assert_trees_all_close(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                atol=tol, rtol=tol)
+
+
+def close_lse(a, b, tol=1e-2):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
+    fin = np.isfinite(b)
+    np.testing.assert_allclose(a[fin], b[fin], atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Route backend='flashinfer' to the bridge's torch kernels (CPU)."""
+    monkeypatch.setattr(attention, "_PROVIDER", "torch")
+    monkeypatch.setattr(attention, "flashinfer_available", lambda: True)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------
+# import hygiene and backend selection
+
+
+def test_import_does_not_import_torch():
+    code = ("import sys, seqattn_jax, seqattn_jax.attention, seqattn_jax.reference\n"
+            "bad = [m for m in ('torch', 'flashinfer', 'seqattn_jax.bridge') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(ROOT))
+
+
+def test_auto_backend_is_reference_on_cpu():
+    assert attention.resolve_backend("auto") == "reference"
+    assert not attention.flashinfer_available()
+    with pytest.raises(RuntimeError, match="flashinfer"):
+        attention.resolve_backend("flashinfer")
+    with pytest.raises(ValueError, match="backend"):
+        attention.resolve_backend("cuda")
+    rng = np.random.default_rng(0)
+    cfg = make_config()
+    packed, pages = make_packed(rng, cfg, [5, 0, 9])
+    kv = make_pool(rng, cfg, pages, [5, 0, 9])
+    q = rand(rng, (3, 4, 64))
+    out = attention.batch_decode(cfg, q, kv, packed, layer=1)
+    close(out, reference.batch_decode(cfg, q, kv, packed, layer=1), tol=0)
+    plan = attention.plan_decode(cfg, packed, 4)
+    assert plan.backend == "reference" and plan.token is None
+    close(attention.batch_decode(cfg, q, kv, packed, layer=1, plan=plan), out, tol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic torch buffer_callback mechanics
+
+
+def test_callback_is_zero_copy_and_fills_outputs():
+    seen = {}
+
+    def kernel(outs, x, y):
+        seen["ptrs"] = (x.data_ptr(), y.data_ptr(), outs[0].data_ptr())
+        outs[0].copy_(x * 2 + y)
+
+    f = interop.torch_callback(kernel, (jax.ShapeDtypeStruct((4, 8), jnp.float32),))
+    x = jnp.arange(32, dtype=jnp.float32).reshape(4, 8)
+    y = jnp.ones((4, 8), jnp.float32)
+    (out,) = jax.jit(f)(x, y)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2 + 1)
+    assert seen["ptrs"][0] == x.unsafe_buffer_pointer()
+    assert seen["ptrs"][1] == y.unsafe_buffer_pointer()
+    assert seen["ptrs"][2] == out.unsafe_buffer_pointer()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int32"])
+def test_callback_dtypes_round_trip(dtype):
+    def kernel(outs, x):
+        outs[0].copy_(x)
+
+    x = jnp.arange(12).astype(dtype).reshape(3, 4)
+    f = interop.torch_callback(kernel, (jax.ShapeDtypeStruct(x.shape, x.dtype),))
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)[0]), np.asarray(x))
+
+
+def test_callback_alias_is_in_place_with_donation():
+    def bump(outs, pool, rows):
+        outs[0][rows.long()] += 1.0    # in place: outs[0] is the pool's buffer
+
+    f = interop.torch_callback(bump, (jax.ShapeDtypeStruct((16, 4), jnp.float32),),
+                               input_output_aliases={0: 0})
+    step = jax.jit(lambda pool, rows: f(pool, rows)[0], donate_argnums=0)
+    pool = jnp.zeros((16, 4), jnp.float32)
+    ptr = pool.unsafe_buffer_pointer()
+    rows = jnp.array([1, 5], jnp.int32)
+    for i in range(3):
+        pool = step(pool, rows)
+        assert pool.unsafe_buffer_pointer() == ptr, "the pool was copied"
+    assert float(pool[1, 0]) == 3.0 and float(pool[0, 0]) == 0.0
+
+
+def test_callback_alias_without_donation_keeps_input():
+    def bump(outs, pool):
+        outs[0].add_(1.0)
+
+    f = interop.torch_callback(bump, (jax.ShapeDtypeStruct((8,), jnp.float32),),
+                               input_output_aliases={0: 0})
+    pool = jnp.zeros((8,), jnp.float32)
+    out = jax.jit(lambda p: f(p)[0])(pool)   # not donated: XLA copies first
+    assert float(out[0]) == 1.0 and float(pool[0]) == 0.0
+
+
+def test_callback_alias_shape_mismatch_is_an_error():
+    f = interop.torch_callback(lambda outs, x: None, (jax.ShapeDtypeStruct((3,), jnp.float32),),
+                               input_output_aliases={0: 0})
+    with pytest.raises(ValueError, match="input_output_aliases"):
+        jax.jit(f)(jnp.zeros((4,), jnp.float32))
+
+
+def test_outside_jit_helpers_are_zero_copy():
+    x = jnp.arange(6, dtype=jnp.float32)
+    t = interop.jax_to_torch(x)
+    assert t.data_ptr() == x.unsafe_buffer_pointer()
+    u = torch.arange(5, dtype=torch.float32)
+    y = interop.torch_to_jax(u)
+    assert y.unsafe_buffer_pointer() == u.data_ptr()
+    np.testing.assert_array_equal(np.asarray(y), u.numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# the FlashInfer code path, with the torch kernels
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("opts", [{}, {"logits_soft_cap": 4.0}, {"window_left": 5},
+                                  {"sm_scale": 0.07}])
+def test_decode_matches_reference(torch_backend, layout, opts):
+    rng = np.random.default_rng(1)
+    cfg = make_config(layout)
+    lens = [7, 0, 13, 1, 30]
+    packed, pages = make_packed(rng, cfg, lens)
+    kv = make_pool(rng, cfg, pages, lens)
+    q = rand(rng, (5, 4, 64))
+    f = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, layer=2, return_lse=True,
+                                                        backend="flashinfer", **opts))
+    out, lse = f(q, kv, packed)
+    ref, ref_lse = reference.batch_decode(cfg, q, kv, packed, layer=2, return_lse=True, **opts)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    close(out, ref)
+    close_lse(lse, ref_lse)
+    assert (np.asarray(out[1], np.float32) == 0).all() and np.isinf(np.asarray(lse[1])).all()
+
+
+def test_one_plan_serves_every_layer_loop_and_scan(torch_backend):
+    rng = np.random.default_rng(2)
+    cfg = make_config(num_layers=3)
+    lens = [9, 4, 0, 17]
+    packed, pages = make_packed(rng, cfg, lens)
+    kv = make_pool(rng, cfg, pages, lens)
+    q = rand(rng, (4, 4, 64))
+
+    def loop_step(q, kv, packed):
+        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        return jnp.stack([attention.batch_decode(cfg, q, kv, packed, layer=l, plan=plan)
+                          for l in range(cfg.num_layers)])
+
+    def scan_step(q, kv, packed):
+        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+
+        def body(carry, layer):
+            return carry, attention.batch_decode(cfg, q, kv, packed, layer=layer, plan=plan)
+
+        return jax.lax.scan(body, 0, jnp.arange(cfg.num_layers, dtype=jnp.int32))[1]
+
+    ref = jnp.stack([reference.batch_decode(cfg, q, kv, packed, layer=l)
+                     for l in range(cfg.num_layers)])
+    for step in (loop_step, scan_step):
+        jitted = jax.jit(step)
+        jitted(q, kv, packed)[0].block_until_ready()   # compile + one run
+        key = next(k for k in ops._slots if k.provider == "torch" and k.kind == "decode"
+                   and k.batch_size == 4 and k.num_qo_heads == 4)
+        before = ops.get_slot(key).num_plans
+        out = jitted(q, kv, packed)
+        out.block_until_ready()
+        assert ops.get_slot(key).num_plans == before + 1, "one plan per step"
+        close(out, ref)
+        hlo = jitted.lower(q, kv, packed).as_text()
+        assert "pure_callback" not in hlo and "io_callback" not in hlo
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_prefill_matches_reference_with_padding_rows(torch_backend, causal, layout):
+    rng = np.random.default_rng(3)
+    cfg = make_config(layout)
+    lens, q_lens = [12, 0, 7, 20], [5, 0, 7, 3]
+    packed, pages = make_packed(rng, cfg, lens, q_lens, num_rows=20)
+    kv = make_pool(rng, cfg, pages, lens)
+    q = rand(rng, (20, 4, 64))
+    out, lse = jax.jit(lambda q, kv, p: attention.batch_prefill(
+        cfg, q, kv, p, layer=1, causal=causal, return_lse=True, backend="flashinfer"))(q, kv, packed)
+    ref, ref_lse = reference.batch_prefill(cfg, q, kv, packed, layer=1, causal=causal,
+                                           return_lse=True)
+    close(out, ref)
+    close_lse(lse, ref_lse)
+    assert (np.asarray(out[15:], np.float32) == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_flashinfer_append_is_in_place(torch_backend, layout):
+    rng = np.random.default_rng(4)
+    cfg = make_config(layout)
+    lens = [6, 0, 11, 3]
+    packed, pages = make_packed(rng, cfg, lens)
+    kv = rand(rng, cfg.kv_shape)
+    keys, vals = rand(rng, (4, 2, 64)), rand(rng, (4, 2, 64))
+    want = scatter_append(cfg, kv, keys, vals, packed, layer=2)
+
+    def step(kv, keys, vals, packed):
+        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        return attention.append_kv(cfg, kv, keys, vals, packed, layer=2, plan=plan,
+                                   impl="flashinfer")
+
+    jstep = jax.jit(step, donate_argnums=0)
+    kv2 = kv + 0
+    ptr = kv2.unsafe_buffer_pointer()
+    out = jstep(kv2, keys, vals, packed)
+    assert out.unsafe_buffer_pointer() == ptr, "the pool was copied"
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def test_plan_must_match_the_call(torch_backend):
+    rng = np.random.default_rng(5)
+    cfg = make_config()
+    packed, pages = make_packed(rng, cfg, [5, 6])
+    kv = make_pool(rng, cfg, pages, [5, 6])
+    q = rand(rng, (2, 4, 64))
+
+    def f(**kw):
+        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer", window_left=3)
+        return attention.batch_decode(cfg, q, kv, packed, plan=plan, **kw)
+
+    with pytest.raises(ValueError, match="window_left"):
+        jax.jit(lambda: f())()
+    with pytest.raises(ValueError, match="q_shape"):
+        plan = attention.plan_decode(cfg, packed, 2, backend="flashinfer")
+        attention.batch_decode(cfg, q, kv, packed, plan=plan)
+    with pytest.raises(ValueError, match="prefill"):
+        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        attention.batch_prefill(cfg, q, kv, packed, plan=plan)
+
+
+def test_unsupported_configurations(torch_backend):
+    rng = np.random.default_rng(6)
+    packed, pages = make_packed(rng, make_config(), [5, 6])
+    cases = [
+        (make_config(dtype="float32"), "float32", "dtype"),
+        (make_config(head_dim=96), "float16", "head_dim"),
+        (make_config(), "bfloat16", "q.dtype"),
+    ]
+    for cfg, qdt, what in cases:
+        kv = jnp.zeros(cfg.kv_shape, cfg.jnp_dtype)
+        q = rand(rng, (2, 4, cfg.head_dim), qdt)
+        with pytest.raises(ValueError, match=what):
+            attention.batch_decode(cfg, q, kv, packed, backend="flashinfer")
+        with pytest.warns(UserWarning, match="falling back"):
+            attention._warned.clear()
+            out = attention.batch_decode(cfg, q, kv, packed, backend="auto")
+        close(out, reference.batch_decode(cfg, q, kv, packed), tol=0)
+    cfg = make_config()
+    kv = jnp.zeros(cfg.kv_shape, cfg.jnp_dtype)
+    q = rand(rng, (2, 10, 64))
+    with pytest.raises(ValueError, match="cuda_core"):
+        attention.batch_decode(cfg, q, kv, packed, backend="flashinfer", decode_kernel="cuda_core")
+    q = rand(rng, (2, 4, 64))
+    with pytest.raises(ValueError, match="soft cap"):
+        attention.pod(cfg, q, rand(rng, (3, 2, 64)), rand(rng, (3, 2, 64)), q, kv, packed,
+                      logits_soft_cap=5.0, backend="flashinfer")
+    with pytest.raises(ValueError, match="sm_scale"):
+        jax.jit(lambda s: attention.batch_decode(cfg, q, kv, packed, sm_scale=s,
+                                                 backend="flashinfer"))(jnp.float32(0.1))
+
+
+def test_decode_kernel_choice():
+    assert attention._decode_kernel("auto", 4) == "tensor_core"
+    assert attention._decode_kernel("auto", 1) == "cuda_core"
+    assert attention._decode_kernel("auto", 5) == "tensor_core"
+    assert attention._decode_kernel("cuda_core", 8) == "cuda_core"
+
+
+# ----------------------------------------------------------------------------------------------
+# the XLA FFI shim (jax-tvm-ffi), CPU build with a Python target
+
+
+def test_ffi_shim_assembles_views_and_constants():
+    pytest.importorskip("jax_tvm_ffi")
+    tvm_ffi = pytest.importorskip("tvm_ffi")
+    ffi = attention.bridge_module("ffi")
+    try:
+        target = ffi._register("cpu")
+    except Exception as e:  # noqa: BLE001 - no C++ compiler here
+        pytest.skip(f"shim does not build here: {e}")
+    seen = {}
+
+    def fn(*args):
+        seen["args"] = [(tuple(a.shape), tuple(a.strides), a.data_ptr(), str(a.dtype))
+                        if type(a).__name__ == "Tensor" else
+                        (list(a) if type(a).__name__ == "Array" else a) for a in args]
+
+    fn_id = ffi.register_function(tvm_ffi.convert(fn))
+    ws = torch.zeros(64, dtype=torch.uint8)
+    p = (ffi.Program(2, 1).raw(ws, ffi.RAW_U8).plan().inp(0).k(1).v(1).out(0).none()
+         .int_(7).float_(2.5).bool_(True))
+    kv = jnp.arange(2 * 2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 2, 3, 4, 5)
+    q = jnp.ones((3, 5), jnp.float32)
+    out = jax.jit(lambda q, kv: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q, kv, **p.attrs(fn_id, (11, 12))))(q, kv)
+    out.block_until_ready()
+    a = seen["args"]
+    assert a[0] == ((64,), (1,), ws.data_ptr(), "uint8")
+    assert a[1] == [11, 12]
+    assert a[2][0] == (3, 5)
+    assert a[3][:2] == ((2, 3, 4, 5), (120, 20, 5, 1))
+    assert a[4][:2] == ((2, 3, 4, 5), (120, 20, 5, 1))
+    assert a[4][2] - a[3][2] == 3 * 4 * 5 * 4           # V = K + one half-page of float32
+    assert a[5][0] == (3, 5) and a[6] is None and a[7:] == [7, 2.5, True]

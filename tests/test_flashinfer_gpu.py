@@ -1,0 +1,316 @@
+"""FlashInfer backend against the pure-JAX reference, on a CUDA GPU (marker `gpu`).
+
+Skipped without a CUDA device for JAX, torch with CUDA, and flashinfer. Every op and option runs
+inside `jax.jit` through the bridge, with pages in random order and every free page (and every slot
+past a request's length) poisoned with NaN in every layer: outputs must be finite and match the
+reference. Run on the GPU machine:
+
+    python3 -m pytest -q -m gpu tests/test_flashinfer_gpu.py
+
+Each FlashInfer kernel variant (dtype, head_dim, pos-encoding, window, soft cap) JIT-compiles on
+first use; the options below are chosen so that each variant is built once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seqattn_jax import attention, reference
+
+pytestmark = pytest.mark.gpu
+
+if not attention.flashinfer_available():
+    pytest.skip("needs JAX on a CUDA GPU with torch (CUDA) and flashinfer", allow_module_level=True)
+
+try:  # tests/ is on sys.path under pytest's rootdir insertion
+    from test_bridge_cpu import close, close_lse, make_packed, make_pool, rand
+except ImportError:  # pragma: no cover - imported as the `tests` package
+    from tests.test_bridge_cpu import close, close_lse, make_packed, make_pool, rand
+
+import seqattn_jax as sj  # noqa: E402
+from seqattn_jax.config import CacheConfig  # noqa: E402
+
+HQ, HKV, D, PS = 16, 4, 128, 16
+BRIDGES = ["callback"] + (["ffi"] if attention.bridge_module("ffi").available() else [])
+
+
+def test_ffi_bridge_builds():
+    ffi = attention.bridge_module("ffi")
+    if not ffi.available():
+        pytest.skip(f"XLA FFI bridge unavailable: {ffi.unavailable_reason()}")
+
+
+def cfg_(layout="NHD", dtype="float16", hkv=HKV, num_layers=2, num_pages=96, max_pages=12):
+    return CacheConfig(num_pages=num_pages, page_size=PS, num_kv_heads=hkv, head_dim=D,
+                       max_seqs=16, max_pages_per_seq=max_pages, num_layers=num_layers,
+                       dtype=dtype, kv_layout=layout)
+
+
+@pytest.fixture(params=BRIDGES)
+def bridge(request, monkeypatch):
+    monkeypatch.setattr(attention, "BRIDGE", request.param)
+    return request.param
+
+
+def decode_case(seed, cfg, lens=(37, 0, 100, 1, 161, 16, 17, 0), hq=HQ, qdt=None):
+    rng = np.random.default_rng(seed)
+    packed, pages = make_packed(rng, cfg, list(lens))
+    kv = make_pool(rng, cfg, pages, list(lens))
+    q = rand(rng, (len(lens), hq, D), qdt or cfg.dtype)
+    return q, kv, packed
+
+
+def prefill_case(seed, cfg, lens=(60, 0, 33, 100, 16), q_lens=(20, 0, 33, 1, 16), rows=80):
+    rng = np.random.default_rng(seed)
+    packed, pages = make_packed(rng, cfg, list(lens), list(q_lens), num_rows=rows)
+    kv = make_pool(rng, cfg, pages, list(lens))
+    q = rand(rng, (rows, HQ, D), cfg.dtype)
+    return q, kv, packed
+
+
+def tol_for(dtype):
+    return 3e-2 if dtype == "bfloat16" else 1e-2
+
+
+def check_decode(cfg, q, kv, packed, *, kernel, layer=1, **opts):
+    f = jax.jit(lambda q, kv, p: attention.batch_decode(
+        cfg, q, kv, p, layer=layer, return_lse=True, backend="flashinfer", decode_kernel=kernel,
+        **opts))
+    out, lse = f(q, kv, packed)
+    ref, ref_lse = reference.batch_decode(cfg, q, kv, packed, layer=layer, return_lse=True, **opts)
+    assert np.isfinite(np.asarray(out, np.float32)).all(), "NaN from a poisoned page"
+    close(out, ref, tol_for(jnp.dtype(q.dtype).name))
+    close_lse(lse, ref_lse, 2e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
+def test_decode(bridge, kernel, layout, dtype):
+    cfg = cfg_(layout, dtype)
+    check_decode(cfg, *decode_case(0, cfg), kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
+@pytest.mark.parametrize("opts", [
+    {"logits_soft_cap": 30.0},
+    {"window_left": 20},
+    {"pos_encoding_mode": "ROPE_LLAMA", "rope_scale": 2.0, "rope_theta": 5e4},
+    {"pos_encoding_mode": "ALIBI"},
+    {"sm_scale": 0.05},
+], ids=["softcap", "window", "rope", "alibi", "sm_scale"])
+def test_decode_options(bridge, kernel, opts):
+    cfg = cfg_()
+    check_decode(cfg, *decode_case(1, cfg), kernel=kernel, **opts)
+
+
+@pytest.mark.parametrize("hq,hkv,kernel", [(4, 4, "cuda_core"), (32, 4, "cuda_core"),
+                                           (20, 4, "tensor_core"), (8, 8, "tensor_core")])
+def test_decode_gqa_group_sizes(hq, hkv, kernel):
+    cfg = cfg_(hkv=hkv)
+    check_decode(cfg, *decode_case(2, cfg, hq=hq), kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["cuda_core", "tensor_core"])
+def test_decode_fp8_pool(kernel):
+    cfg = cfg_(dtype="float8_e4m3fn")
+    q, kv, packed = decode_case(3, cfg, qdt="float16")
+    f = jax.jit(lambda q, kv, p: attention.batch_decode(
+        cfg, q, kv, p, layer=1, backend="flashinfer", decode_kernel=kernel))
+    out = f(q, kv, packed)
+    ref = reference.batch_decode(cfg, q, kv, packed, layer=1)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    close(out, ref, 3e-2)
+
+
+def test_decode_auto_backend_and_kernel():
+    cfg = cfg_()
+    q, kv, packed = decode_case(4, cfg)
+    out = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, layer=1))(q, kv, packed)
+    close(out, reference.batch_decode(cfg, q, kv, packed, layer=1))
+    plan = attention.plan_decode(cfg, packed, HQ)
+    assert plan.backend == "flashinfer" and plan.meta.key.decode_kernel == "tensor_core"
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill(bridge, causal, layout):
+    cfg = cfg_(layout)
+    q, kv, packed = prefill_case(5, cfg)
+    out, lse = jax.jit(lambda q, kv, p: attention.batch_prefill(
+        cfg, q, kv, p, layer=1, causal=causal, return_lse=True, backend="flashinfer"))(q, kv, packed)
+    ref, ref_lse = reference.batch_prefill(cfg, q, kv, packed, layer=1, causal=causal,
+                                           return_lse=True)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    close(out, ref)
+    close_lse(lse, ref_lse, 2e-2)
+    assert (np.asarray(out[70:], np.float32) == 0).all()
+
+
+@pytest.mark.parametrize("opts", [
+    {"logits_soft_cap": 30.0},
+    {"window_left": 20},
+    {"pos_encoding_mode": "ROPE_LLAMA", "rope_scale": 2.0, "rope_theta": 5e4},
+    {"pos_encoding_mode": "ALIBI"},
+    {"sm_scale": 0.05},
+], ids=["softcap", "window", "rope", "alibi", "sm_scale"])
+def test_prefill_options(opts):
+    cfg = cfg_()
+    q, kv, packed = prefill_case(6, cfg)
+    out = jax.jit(lambda q, kv, p: attention.batch_prefill(
+        cfg, q, kv, p, layer=0, backend="flashinfer", **opts))(q, kv, packed)
+    ref = reference.batch_prefill(cfg, q, kv, packed, layer=0, **opts)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    close(out, ref)
+
+
+def test_prefill_bf16():
+    cfg = cfg_(dtype="bfloat16")
+    q, kv, packed = prefill_case(7, cfg)
+    out = jax.jit(lambda q, kv, p: attention.batch_prefill(
+        cfg, q, kv, p, layer=1, backend="flashinfer"))(q, kv, packed)
+    close(out, reference.batch_prefill(cfg, q, kv, packed, layer=1), 3e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# POD and batch POD
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_pod(return_lse):
+    cfg = cfg_()
+    q_d, kv, packed = decode_case(8, cfg)
+    rng = np.random.default_rng(9)
+    q_p = rand(rng, (40, HQ, D))
+    k_p, v_p = rand(rng, (64, HKV, D)), rand(rng, (64, HKV, D))
+    f = jax.jit(lambda *a: attention.pod(cfg, *a, layer=1, causal_p=True, return_lse=return_lse,
+                                         backend="flashinfer"))
+    got = f(q_p, k_p, v_p, q_d, kv, packed)
+    want = reference.pod(cfg, q_p, k_p, v_p, q_d, kv, packed, layer=1, causal_p=True,
+                         return_lse=return_lse)
+    if return_lse:
+        close(got[0], want[0])
+        close_lse(got[1][0], want[1][0], 2e-2)
+        close_lse(got[1][1], want[1][1], 2e-2)
+    else:
+        close(got, want)
+
+
+@pytest.mark.parametrize("causal_p", [True, False])
+def test_batch_pod(causal_p):
+    cfg = cfg_()
+    q_p, _, packed_p = prefill_case(10, cfg)
+    # the two batches draw their pages independently from one pool: no poison here (the other
+    # tests poison every free page)
+    rng = np.random.default_rng(11)
+    kv = rand(rng, cfg.kv_shape)
+    packed_d, _ = make_packed(rng, cfg, [37, 0, 50, 1])
+    q_d = rand(rng, (4, HQ, D))
+    got = jax.jit(lambda *a: attention.batch_pod(cfg, *a, layer=1, causal_p=causal_p,
+                                                 return_lse=True, backend="flashinfer"))(
+        q_p, packed_p, q_d, packed_d, kv)
+    want = reference.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1, causal_p=causal_p,
+                               return_lse=True)
+    close(got[0], want[0])
+    close_lse(got[1][0], want[1][0], 2e-2)
+    close_lse(got[1][1], want[1][1], 2e-2)
+
+
+def test_pod_rejects_soft_cap():
+    cfg = cfg_()
+    q_d, kv, packed = decode_case(12, cfg)
+    with pytest.raises(ValueError, match="soft cap"):
+        attention.pod(cfg, q_d, q_d[:, :HKV], q_d[:, :HKV], q_d, kv, packed,
+                      logits_soft_cap=10.0, backend="flashinfer")
+
+
+# ----------------------------------------------------------------------------------------------
+# append and full steps (no KV page copied)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("impl", ["flashinfer", "scatter"])
+def test_append_in_place(layout, impl):
+    cfg = cfg_(layout)
+    rng = np.random.default_rng(13)
+    lens = [37, 0, 100, 1, 161]
+    packed, _ = make_packed(rng, cfg, lens)
+    kv = rand(rng, cfg.kv_shape)
+    keys, vals = rand(rng, (5, HKV, D)), rand(rng, (5, HKV, D))
+    want = sj.append_kv(cfg, kv, keys, vals, packed, layer=1)
+
+    def step(kv, keys, vals, packed):
+        plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+        return attention.append_kv(cfg, kv, keys, vals, packed, layer=1, plan=plan, impl=impl)
+
+    jstep = jax.jit(step, donate_argnums=0)
+    kv2 = kv + 0
+    ptr = kv2.unsafe_buffer_pointer()
+    out = jstep(kv2, keys, vals, packed)
+    assert out.unsafe_buffer_pointer() == ptr, "the pool was copied"
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def _decode_step(cfg, use_scan, backend, append_impl="auto"):
+    """allocate_decoding -> pack -> plan -> per layer (append_kv + batch_decode), one jit."""
+
+    def step(state, kv, seq_ids, q, k, v):
+        state, ok = sj.allocate_decoding(state, seq_ids)
+        packed = sj.pack_for_flashinfer(state, seq_ids)
+        plan = attention.plan_decode(cfg, packed, HQ, backend=backend)
+
+        def layer_fn(kv, layer):
+            kv = attention.append_kv(cfg, kv, k[layer], v[layer], packed, layer=layer, plan=plan,
+                                     impl=append_impl if backend != "reference" else "auto")
+            out = attention.batch_decode(cfg, q[layer], kv, packed, layer=layer, plan=plan)
+            return kv, out
+
+        if use_scan:
+            kv, outs = jax.lax.scan(layer_fn, kv, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        else:
+            outs = []
+            for layer in range(cfg.num_layers):
+                kv, o = layer_fn(kv, layer)
+                outs.append(o)
+            outs = jnp.stack(outs)
+        return state, kv, outs, ok
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("append_impl", ["scatter", "flashinfer"])
+def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
+    cfg = cfg_(num_layers=3, num_pages=128)
+    rng = np.random.default_rng(14)
+    state = sj.init_state(cfg)
+    ids = jnp.arange(5, dtype=jnp.int32)
+    state, ok = sj.allocate(state, ids, jnp.asarray([30, 15, 1, 64, 47], jnp.int32))
+    assert bool(ok.all())
+    kv = rand(rng, cfg.kv_shape)
+    seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
+    step = _decode_step(cfg, use_scan, "flashinfer", append_impl)
+    ref_step = _decode_step(cfg, use_scan, "reference")
+    ref_state, ref_kv = state, kv + 0
+    for it in range(3):
+        q = rand(rng, (cfg.num_layers, 6, HQ, D))
+        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
+        ptr = kv.unsafe_buffer_pointer()
+        state, kv, outs, ok = step(state, kv, seq_ids, q, k, v)
+        assert bool(ok.all())
+        assert kv.unsafe_buffer_pointer() == ptr, "the KV pool was copied"
+        ref_state, ref_kv, ref_outs, _ = ref_step(ref_state, ref_kv, seq_ids, q, k, v)
+        close(outs, ref_outs)
+        np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
+    assert step._cache_size() == 1, "the step retraced"
