@@ -9,7 +9,9 @@ layers (`kv`), and attention runs in FlashInfer's kernels on a GPU or in a pure-
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.head_ids import HeadIDGenerator, head_ids, split_head_ids
 from seqattn_jax.kv import append_kv, copy_pages, init_kv
+from seqattn_jax.kv import scrub_pages
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
+from seqattn_jax.prefix_cache import Admission, EvictResult, PrefixCache, PrefixCacheStats, freed_pages
 from seqattn_jax.state import (
     CacheState,
     Status,
@@ -31,3 +33,4 @@ __all__ = [
     "allocate_decoding", "append_kv", "copy_pages", "fork", "head_ids", "init_kv", "init_state",
     "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "truncate", "unref",
 ]
+__all__ += ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages", "scrub_pages"]

@@ -85,3 +85,32 @@ def copy_pages(config: CacheConfig, kv, copies) -> jax.Array:
     # Gather every source before any write, so a page that is both a source and a destination in
     # one call is read before it is overwritten.
     return kv.at[dst.reshape(-1)].set(kv[src.reshape(-1)], mode="drop")
+
+
+def scrub_pages(config: CacheConfig, kv, pages_or_mask) -> jax.Array:
+    """Zero whole pages (K and V) in every layer.
+
+    Args:
+      kv: the pool (`config.kv_shape`).
+      pages_or_mask: either int32 [N] layer-0 page ids (entries < 0 or >= num_pages are skipped,
+        duplicates are harmless) or bool [num_pages], True for each page to zero.
+    Returns:
+      The pool with those pages zeroed in all `num_layers` layers; every other element unchanged.
+      A scatter of page rows (no pass over the whole pool), in place when the caller donates `kv`.
+    """
+    check_pool(config, kv, "scrub_pages")
+    x = jnp.asarray(pages_or_mask)
+    P = config.num_pages
+    if x.dtype == jnp.bool_:
+        if x.shape != (P,):
+            raise ValueError(f"scrub_pages: a page mask must be bool [num_pages] = ({P},), got {x.shape}")
+        x = jnp.nonzero(x, size=P, fill_value=P)[0]
+    elif x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"scrub_pages: pages_or_mask must be int32 [N] page ids or bool [num_pages], "
+                         f"got {x.dtype}{x.shape}")
+    x = x.astype(jnp.int32)
+    total = config.num_layers * P
+    use = (x >= 0) & (x < P)
+    offs = (jnp.arange(config.num_layers, dtype=jnp.int32) * P)[:, None]  # [L, 1]
+    rows = jnp.where(use[None, :], x[None, :] + offs, total).reshape(-1)
+    return kv.at[rows].set(jnp.zeros((), kv.dtype), mode="drop")
