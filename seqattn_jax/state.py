@@ -44,6 +44,7 @@ class Status(enum.IntEnum):
     BAD_PAGE = 8  # page id outside [0, num_pages)
     FREE_PAGE = 9  # ref/unref/share of a page that is not allocated
     PAGE_HELD = 10  # unref would free a page a sequence still holds
+    PARTIAL_PAGE = 11  # ref of a sequence's partly filled last page (it will still be written)
 
 
 STATUS_MESSAGES = {
@@ -57,6 +58,7 @@ STATUS_MESSAGES = {
     Status.BAD_PAGE: "page id is not in [0, num_pages)",
     Status.FREE_PAGE: "page is not allocated (refcount 0)",
     Status.PAGE_HELD: "unref would free a page that a sequence still holds",
+    Status.PARTIAL_PAGE: "page is a sequence's partly filled last page, which is still written",
 }
 
 _I32 = jnp.int32
@@ -453,6 +455,8 @@ def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
     bad_page = jnp.any(used & ((page_ids < 0) | (page_ids >= cfg.num_pages)), axis=1)
     safe = jnp.where(used, page_ids, cfg.num_pages)
     free_page = jnp.any(used & (state.refcount.at[safe].get(mode="fill", fill_value=1) == 0), axis=1)
+    partial = jnp.any(used & _partial_last_pages(state).at[safe].get(mode="fill", fill_value=False),
+                      axis=1)
     status = _first_error(
         (is_req & ~in_range, Status.BAD_SLOT),
         (dup, Status.DUPLICATE),
@@ -461,6 +465,7 @@ def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
                    | (n > jnp.minimum(K, cfg.max_pages_per_seq))), Status.BAD_LENGTH),
         (is_req & bad_page, Status.BAD_PAGE),
         (is_req & free_page, Status.FREE_PAGE),
+        (is_req & partial, Status.PARTIAL_PAGE),
     )
     apply = jnp.all(status == Status.OK)
     take = used & apply
@@ -486,7 +491,8 @@ def share_prefix(state: CacheState, seq_ids, page_ids, num_tokens):
         so no write can reach them: the next token goes to a fresh page).
     Returns:
       (state, ok [B]): each used page gains a reference; the slot becomes active with length
-      num_tokens[i]. Pages must be allocated (refcount > 0). All-or-nothing.
+      num_tokens[i]. Pages must be allocated (refcount > 0) and none may be a sequence's partly
+      filled last page (PARTIAL_PAGE: it is still being written). All-or-nothing.
     """
     state, status = share_prefix_status(state, seq_ids, page_ids, num_tokens)
     return state, _ok(status)
@@ -505,11 +511,23 @@ def _page_checks(state: CacheState, name: str, page_ids):
     return page_ids, is_req, in_range, idx, rc
 
 
+def _partial_last_pages(state: CacheState) -> jax.Array:
+    """bool [num_pages]: pages that are some active sequence's partly filled last page."""
+    cfg = state.config
+    partial = state.active & (state.seq_lens % cfg.page_size != 0)
+    col = jnp.maximum(cfg.pages_for(state.seq_lens) - 1, 0)
+    last = jnp.take_along_axis(state.page_table, col[:, None], axis=1)[:, 0]
+    return jnp.zeros((cfg.num_pages,), bool).at[jnp.where(partial, last, cfg.num_pages)].set(
+        True, mode="drop")
+
+
 def ref_status(state: CacheState, page_ids):
     """`ref` returning (state, status [K])."""
     state = _check_state(state)
     page_ids, is_req, in_range, idx, rc = _page_checks(state, "ref: page_ids", page_ids)
-    status = _first_error((is_req & ~in_range, Status.BAD_PAGE), (is_req & (rc == 0), Status.FREE_PAGE))
+    partial = _partial_last_pages(state).at[idx].get(mode="fill", fill_value=False)
+    status = _first_error((is_req & ~in_range, Status.BAD_PAGE), (is_req & (rc == 0), Status.FREE_PAGE),
+                          (is_req & partial, Status.PARTIAL_PAGE))
     apply = jnp.all(status == Status.OK)
     refcount = state.refcount.at[jnp.where(apply, idx, state.config.num_pages)].add(1, mode="drop")
     return state._replace(refcount=refcount), status
@@ -518,7 +536,8 @@ def ref_status(state: CacheState, page_ids):
 def ref(state: CacheState, page_ids):
     """Take an external reference on each page of `page_ids` (int32 [K], < 0 = padding; a page
     listed twice gains two). Refused for free pages (a free page cannot be kept alive: it might
-    already be handed out). Returns (state, ok [K]); all-or-nothing."""
+    already be handed out) and for a sequence's partly filled last page (its owner still writes
+    into it; a shared page is never written). Returns (state, ok [K]); all-or-nothing."""
     state, status = ref_status(state, page_ids)
     return state, _ok(status)
 
