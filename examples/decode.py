@@ -554,9 +554,9 @@ def serve(engine: Engine, requests: list[Request], *, progress=None) -> Stats:
                 del active[r.slot]
                 free_slots.append(r.slot)
         if progress is not None:
-            progress.set_postfix(active=len(active), waiting=len(waiting),
-                                 pages=f"{engine.pages_held}+{engine.pages_cached_only}c/{cache.num_pages}",
-                                 refresh=False)
+            progress.set_postfix(collections.OrderedDict(
+                running=len(active), waiting=len(waiting), pages_held=engine.pages_held,
+                cached=engine.pages_cached_only, free=engine.num_free), refresh=False)
         step += 1
     return st
 

@@ -99,3 +99,30 @@ def test_script_help_and_bad_options():
     res = subprocess.run([sys.executable, str(SCRIPT), "--heads", "3", "--kv-heads", "2"],
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert res.returncode == 2 and "--heads" in res.stderr
+
+
+def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode, monkeypatch):
+    """The `--backend auto|flashinfer` code path (plans once per step shared by the layer scan,
+    buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels stand in
+    for FlashInfer's CUDA ones, as in tests/test_bridge_cpu.py."""
+    pytest.importorskip("torch")
+    from seqattn_jax import attention
+    if not hasattr(attention, "_PROVIDER"):
+        pytest.skip("seqattn_jax.attention has no torch provider switch")
+    monkeypatch.setattr(attention, "_PROVIDER", "torch")
+    monkeypatch.setattr(attention, "flashinfer_available", lambda: True)
+    argv = [a for a in SMALL if a not in ("--backend", "reference")]
+    argv[argv.index("--head-dim") + 1] = "64"  # a FlashInfer head_dim
+    s = decode.run(argv + ["--backend", "auto"])
+    assert s.backend == "flashinfer" and s.dtype == "float16"
+    _check_summary_fp16(s)
+
+
+def _check_summary_fp16(s):
+    assert s.check is not None and s.check.passed, s.check
+    assert s.check.failures == 0 and s.check.max_logit_err < 0.05
+    assert all(r.done for r in s.requests)
+    assert s.free_pages_at_end == s.cache.num_pages
+    assert s.traces == {"prefill_step": 1, "decode_step": 1}
+    assert s.compiles_serving == []
+    assert s.kv_in_place
