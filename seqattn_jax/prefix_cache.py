@@ -33,8 +33,11 @@ followed it in some prompt.
     `admit` shares at most `(len(prompt) - 1) // page_size` pages and prefills at least one token.
   * Parents are page ids, so a page may be evicted only when no cached child names it: eviction
     takes leaves only, and in a pass ordered by (last use, deeper first) a parent always comes after
-    its children (a lookup or insert touches the whole root-to-node path with one clock value, so
+    its children (every use touches the whole root-to-node path with one clock value, so
     `last_use[parent] >= last_use[child]`), so a single pass frees whole unused branches.
+  * "Use" = a successful `admit` sharing the page, `match`, `insert`, and the `release` of a
+    request holding it: a page is in use until its last request ends (vLLM's rule), so the prefix
+    of a long-running request is not the first thing evicted when it finishes.
   * One page is cached under at most one key. When a prompt's block is already cached in another
     page (two requests prefilled the same prompt at once) the existing page stays the cached one, the
     request's copy is not cached (it is freed when its request ends) and the chain continues from the
@@ -108,6 +111,13 @@ def freed_pages(old: CacheState, new: CacheState) -> jax.Array:
 # power-of-two buckets.
 
 
+def _slot_rows(state, slots):
+    slot = jnp.clip(slots, 0, state.config.max_seqs - 1)
+    ok = (slots >= 0) & (slots < state.config.max_seqs)
+    return (state.page_table[slot], jnp.where(ok, state.seq_lens[slot], 0),
+            ok & state.active[slot])
+
+
 def _select(apply, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, old)
 
@@ -140,20 +150,14 @@ def _evict_scrub_body(state, kv, page_ids):
 
 
 def _release_body(state, slots):
+    rows = _slot_rows(state, slots)[0]  # the released pages, for the LRU clock
     new, status = release_status(state, slots)
-    return new, status, freed_pages(state, new)
+    return new, status, freed_pages(state, new), rows
 
 
 def _release_scrub_body(state, kv, slots):
-    new, status, freed = _release_body(state, slots)
-    return new, status, scrub_pages(state.config, kv, freed)
-
-
-def _slot_rows(state, slots):
-    slot = jnp.clip(slots, 0, state.config.max_seqs - 1)
-    ok = (slots >= 0) & (slots < state.config.max_seqs)
-    return (state.page_table[slot], jnp.where(ok, state.seq_lens[slot], 0),
-            ok & state.active[slot])
+    new, status, freed, rows = _release_body(state, slots)
+    return new, status, scrub_pages(state.config, kv, freed), rows
 
 
 _admit_jit = jax.jit(_admit_body)
@@ -358,6 +362,16 @@ class PrefixCache:
         if len(pages):
             self._clock += 1
             self._last_use[np.asarray(pages, np.int64)] = self._clock
+
+    def _touch_chains(self, pages) -> None:
+        """Mark cached `pages` and all their ancestors used now (keeps last_use[parent] >=
+        last_use[child] when a page's chain is not the row it sat in, e.g. after a duplicate)."""
+        seen = set()
+        for p in np.asarray(pages).tolist():
+            while p >= 0 and p not in seen:
+                seen.add(p)
+                p = int(self._parent[p])
+        self._touch(list(seen))
 
     def match(self, tokens, namespace: Hashable = None, *, max_tokens: int | None = None):
         """Longest cached full-page prefix of `tokens` in `namespace` (and mark it recently used).
@@ -668,12 +682,19 @@ class PrefixCache:
     def release(self, state: CacheState, slots, *, kv=None):
         """`seqattn_jax.release` of `slots` (int [B], < 0 = padding); with `scrub_on_free` the pages
         it frees are zeroed in the returned pool. Cached pages keep the cache's reference and
-        stay. Returns (state, ok bool [B], kv)."""
+        stay, and count as used now for LRU (a page is in use until its last request ends, as in
+        vLLM; releasing through `seqattn_jax.release` directly leaves them at their last admission).
+        Returns (state, ok bool [B], kv)."""
         self._check_state(state)
         self._need_kv(kv, "release")
         slots = np.asarray(slots, np.int32).reshape(-1)
         if self.scrub_on_free:
-            new, status, kv = _release_scrub_jit(state, kv, slots)
+            new, status, kv, rows = _release_scrub_jit(state, kv, slots)
         else:
-            new, status, _ = _release_jit(state, slots)
-        return new, np.asarray(status) == Status.OK, kv
+            new, status, _, rows = _release_jit(state, slots)
+        ok = np.asarray(status) == Status.OK
+        if ok.all():
+            pages = np.asarray(rows)[slots >= 0].reshape(-1)
+            pages = pages[pages >= 0]
+            self._touch_chains(pages[self._cached[pages]])
+        return new, ok, kv

@@ -160,6 +160,23 @@ def test_lru_evicts_leaves_oldest_first():
     assert cache.stats.evicted_pages == 5
 
 
+def test_release_counts_as_use():
+    """A page is in use until its last request ends: the long-running request's prefix, admitted
+    first but released last, outlives the short one's."""
+    cache = PrefixCache(SCFG)
+    state = sj.init_state(SCFG)
+    a, b = list(range(100, 108)), list(range(200, 208))
+    state, _ = _admit_insert(cache, state, 0, a)  # long-running
+    state, _ = _admit_insert(cache, state, 1, b)
+    pa, pb = row(state, 0), row(state, 1)
+    state, _, _ = cache.release(state, [1])
+    state, _, _ = cache.release(state, [0])
+    res = cache.evict(state, 2)
+    assert res.freed.tolist() == [pb[1], pb[0]]
+    check_invariants(cache, res.state, {})
+    assert cache.match(a)[0] == pa
+
+
 def test_insert_rejects_free_pages_and_conflicts():
     cache = PrefixCache(SCFG)
     state = sj.init_state(SCFG)
