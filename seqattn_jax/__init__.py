@@ -1,11 +1,25 @@
 """seqattn_jax: paged KV caches and paged attention for JAX.
 
+`append_kv` here is the pure-JAX scatter (`seqattn_jax.kv`); `seqattn_jax.attention.append_kv` is the
+same write with a `backend=` choice (FlashInfer's append kernel on a GPU).
+
 The cache state and page allocator are pure, jit-compatible functions over pytrees (`state`), batches
 are packed into FlashInfer's CSR page-table format (`packing`), K/V live in one page pool for all
 layers (`kv`), and attention runs in FlashInfer's kernels on a GPU or in a pure-JAX reference
 (`reference`) anywhere. Importing this package never imports torch or flashinfer.
 """
 
+from seqattn_jax.attention import (
+    AttentionPlan,
+    batch_decode,
+    batch_pod,
+    batch_prefill,
+    plan_batch_pod,
+    plan_decode,
+    plan_pod,
+    plan_prefill,
+    pod,
+)
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.head_ids import HeadIDGenerator, head_ids, split_head_ids
 from seqattn_jax.kv import append_kv, copy_pages, init_kv
@@ -33,4 +47,6 @@ __all__ = [
     "allocate_decoding", "append_kv", "copy_pages", "fork", "head_ids", "init_kv", "init_state",
     "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "truncate", "unref",
 ]
+__all__ += ["AttentionPlan", "batch_decode", "batch_pod", "batch_prefill", "plan_batch_pod",
+            "plan_decode", "plan_pod", "plan_prefill", "pod"]
 __all__ += ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages", "scrub_pages"]
