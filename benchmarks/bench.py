@@ -289,7 +289,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
     q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
     kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
 
-    def make_step(use_scan):
+    def make_step(use_scan, append_impl):
         def step(state, kv):
             state, ok = sj.allocate_decoding(state, seq_ids)
             packed = sj.pack_for_flashinfer(state, seq_ids)
@@ -297,7 +297,8 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
 
             def layer(carry, l):
                 kv, x = carry
-                kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan)
+                kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan,
+                                         impl=append_impl)
                 o = attention.batch_decode(cfg, q[l] + x, kv, packed, layer=l, plan=plan)
                 return (kv, o), None
 
@@ -315,8 +316,9 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
         attention.BRIDGE = bridge
         if bridge == "ffi" and not attention.bridge_module("ffi").available():
             continue
-        for use_scan in (False, True):
-            step = make_step(use_scan)
+        for use_scan, append_impl in ((False, "scatter"), (True, "scatter"),
+                                      (False, "flashinfer")):
+            step = make_step(use_scan, append_impl)
             state, kv = state0, kv0 + 0
             ptr = kv.unsafe_buffer_pointer()
             for _ in range(3):                       # warm-up / compile
@@ -329,7 +331,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
                     state, kv, x = step(state, kv)
                 jax.block_until_ready(x)
                 ts.append((time.perf_counter() - t0) / (steps // 3))
-            name = f"jax_{bridge}_{'scan' if use_scan else 'loop'}"
+            name = f"jax_{bridge}_{'scan' if use_scan else 'loop'}_{append_impl}_append"
             res[name] = statistics.median(ts)
             res[name + "_no_copy"] = kv.unsafe_buffer_pointer() == ptr
             log(f"  {name}: {res[name] * 1e3:.3f} ms/step (pool not copied: {res[name + '_no_copy']})")

@@ -107,23 +107,32 @@ DLTensor* Half(Views& vs, const DLTensor* kv, int which) {
   return t;
 }
 
-DLTensor* Raw(Views& vs, DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
-  DLTensor* t = vs.next();
-  int64_t* sh = vs.shape[vs.n];
-  int64_t* st = vs.stride[vs.n];
-  vs.n++;
-  sh[0] = numel;
-  st[0] = 1;
-  t->data = reinterpret_cast<void*>(ptr);
-  t->device = dev;
-  t->ndim = 1;
-  t->shape = sh;
-  t->strides = st;
-  t->byte_offset = 0;
-  if (code == 0) t->dtype = DLDataType{kDLUInt, 8, 1};
-  else if (code == 1) t->dtype = DLDataType{kDLFloat, 32, 1};
-  else t->dtype = DLDataType{kDLInt, 32, 1};
-  return t;
+// A permanent device buffer (workspace, ALiBi slopes) as an owned ffi::Tensor that does not own
+// the memory: FlashInfer's optional tensor arguments are `Optional<ffi::Tensor>`, which a raw
+// DLTensor* cannot bind to. Cached per (pointer, size, dtype, device): the buffers live for the
+// process (they belong to plan slots that are never freed).
+struct NoAlloc {
+  void* ptr;
+  void AllocData(DLTensor* t) { t->data = ptr; }
+  void FreeData(DLTensor*) {}
+};
+
+const Tensor& Raw(DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
+  static auto* cache = new std::unordered_map<std::string, Tensor>();
+  static auto* mu = new std::mutex();
+  std::string key = std::to_string(ptr) + ":" + std::to_string(numel) + ":" +
+                    std::to_string(code) + ":" + std::to_string(dev.device_id);
+  std::lock_guard<std::mutex> lock(*mu);
+  auto it = cache->find(key);
+  if (it == cache->end()) {
+    DLDataType dt = code == 0 ? DLDataType{kDLUInt, 8, 1}
+                  : code == 1 ? DLDataType{kDLFloat, 32, 1} : DLDataType{kDLInt, 32, 1};
+    int64_t shape[1] = {numel};
+    Tensor t = Tensor::FromNDAlloc(NoAlloc{reinterpret_cast<void*>(ptr)}, ShapeView(shape, 1),
+                                   dt, dev);
+    it = cache->emplace(key, std::move(t)).first;
+  }
+  return it->second;
 }
 
 void FiCall(PackedArgs args, Any* rv) {
@@ -152,7 +161,7 @@ void FiCall(PackedArgs args, Any* rv) {
       case 6: call.emplace_back(static_cast<bool>(iconst[x] != 0)); break;
       case 7: call.emplace_back(AnyView()); break;
       case 8: call.emplace_back(plan_info); break;
-      case 9: call.emplace_back(Raw(vs, dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
+      case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
       default: TVM_FFI_THROW(ValueError) << "seqattn.fi_call: bad opcode " << op;
     }
   }

@@ -43,7 +43,8 @@ class TorchProvider:
         s = torch.einsum("rhd,lhd->hrl", q.float(), kk) * sm_scale
         if key.logits_soft_cap > 0:
             s = key.logits_soft_cap * torch.tanh(s / key.logits_soft_cap)
-        pos = torch.arange(kv_len)
+        pos = torch.arange(kv_len, device=q.device)
+        q_pos = q_pos.to(q.device)
         mask = pos[None, :] <= q_pos[:, None]
         if key.window_left >= 0:
             mask &= pos[None, :] >= (q_pos[:, None] - key.window_left)
@@ -54,7 +55,7 @@ class TorchProvider:
         return o, (lse / math.log(2.0)).transpose(0, 1)
 
     def _gather(self, key, cache, indices, indptr, b, kv_len):
-        pages = indices[int(indptr[b]):int(indptr[b + 1])].long()
+        pages = indices[int(indptr[b]):int(indptr[b + 1])].long().to(cache.device)
         x = _pages_view(cache, key.kv_layout)[pages]            # [n, page, H, D]
         return x.reshape(-1, key.num_kv_heads, key.head_dim)[:kv_len]
 
@@ -75,8 +76,9 @@ class TorchProvider:
                 q_pos = torch.arange(kv_len - rows, kv_len)
             else:
                 q_pos = torch.full((rows,), kv_len - 1 + 10**9)
-            kk = self._gather(key, k, indices, indptr, b, kv_len)
-            vv = self._gather(key, v, indices, indptr, b, kv_len)
+            indices_h = indices if indices.device.type == "cpu" else indices.cpu()
+            kk = self._gather(key, k, indices_h, indptr, b, kv_len)
+            vv = self._gather(key, v, indices_h, indptr, b, kv_len)
             ob, lb = self._attend(key, q[r0:r1], kk, vv, q_pos, kv_len, rp.sm_scale)
             o[r0:r1] = ob.to(o.dtype)
             if lse is not None:
@@ -103,6 +105,8 @@ class TorchProvider:
         key = slot.key
         kc = _pages_view(k_cache, key.kv_layout)
         vc = _pages_view(v_cache, key.kv_layout)
+        batch_indices, positions = batch_indices.cpu(), positions.cpu()
+        indptr, indices = indptr.cpu(), indices.cpu()
         for i in range(keys.shape[0]):
             b = int(batch_indices[i])
             if b < 0:
