@@ -486,6 +486,22 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     res["torch_separate"] = time_torch(torch_sep, n_inner)
     log(f"  torch_pod: {res['torch_pod'] * 1e6:.0f} us, torch_separate: "
         f"{res['torch_separate'] * 1e6:.0f} us")
+    # sanity: one POD call against the separate decode (jit) and torch's POD prefill output
+    attention.BRIDGE = "callback"
+    op, od = jax.jit(lambda *a: attention.pod(cfg, *a, causal_p=True, backend="flashinfer"))(
+        q_p, k_p, v_p, q_d, kv, packed_d)
+    od_ref = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend="flashinfer"))(
+        q_d, kv, packed_d)
+    attention.BRIDGE = "auto"
+    op_t, od_t = pw.run(qp_t, kp_t, vp_t, qd_t, kv_t, causal_p=True)
+    res["check_pod_decode_vs_decode"] = float(jnp.max(jnp.abs(od.astype(jnp.float32) -
+                                                            od_ref.astype(jnp.float32))))
+    res["check_pod_prefill_vs_torch_pod"] = float(
+        (torch.from_dlpack(op).float() - op_t.float()).abs().max())
+    res["check_pod_decode_vs_torch_pod"] = float(
+        (torch.from_dlpack(od).float() - od_t.float()).abs().max())
+    log(f"  checks: {res['check_pod_decode_vs_decode']:.2e} "
+        f"{res['check_pod_prefill_vs_torch_pod']:.2e} {res['check_pod_decode_vs_torch_pod']:.2e}")
     res["pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_pod"]
     res["batch_pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_batch_pod"]
     return res

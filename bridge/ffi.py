@@ -8,21 +8,20 @@ strided views of our one pool, the workspaces are torch-owned buffers, and `plan
 between the workspaces and the query. So a ~100-line C++ shim (compiled once with
 `tvm_ffi.cpp.load_inline`, registered as the global function `seqattn.fi_call`) receives
 
-    [XLA inputs..., XLA outputs..., fn (str), prog (int64[]), iconst (int64[]), fconst (f64[]),
-     plan_info (int64[])]
+    [XLA inputs..., XLA outputs..., prog (int64[]), iconst (int64[]), fconst (f64[])]
 
 and assembles the target's argument list from a tiny program: input / output buffer i, the K or V
-view of buffer i, an int / float / bool constant, None, plan_info, or a raw device buffer
-(pointer, numel, dtype) for the workspaces and ALiBi slopes. It then calls the FlashInfer function
-named `fn` (registered as a tvm-ffi global at trace time).
+view of buffer i, an int / float / bool constant, None, a slot's current plan_info, or a raw
+device buffer (pointer, numel, dtype) for the workspaces and ALiBi slopes. It then calls the
+FlashInfer function whose id is in `prog` (registered as a tvm-ffi global at trace time).
 
-Plans: `plan_info` is an attribute, i.e. fixed at compile time. FlashInfer's CUDA-graph planning
-mode (`enable_cuda_graph=True`) makes `plan_info` a function of the static shapes only (batch size,
-rows, heads, page size): it pads the work grid and writes the per-step schedule into the int
-workspace. So the trace computes the static `plan_info` once (a host plan on a dummy batch), and
-the per-step plan callback (a buffer_callback, the step's only Python) re-plans in the same mode,
-writes the schedule into the int workspace on XLA's stream and checks that `plan_info` did not
-change (it raises if it did). The runs then read this step's schedule from the workspace.
+Plans: FlashInfer's run needs the step's `plan_info` (a few int64, decided on the host from the
+step's lengths). The per-step plan callback (a buffer_callback: the step's only Python) plans as in
+the buffer_callback path and publishes `plan_info` to the shim under the slot's integer id
+(`seqattn.fi_plan_set`); each FFI call names its slot in `prog` and reads the latest `plan_info`.
+XLA executes a program's thunks in order on one host thread, and every run takes the plan's token,
+so a step's runs read that step's plan. Because `plan_info` changes at run time, the FFI target is
+registered without `allow_cuda_graph` (XLA must call it every time rather than replay a capture).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ _TARGET = "seqattn_fi_call"
 # No string attribute: jax-tvm-ffi 0.1.3 passes a string attribute as a view of a temporary, which
 # dangles for strings longer than the 7 bytes tvm-ffi stores inline (seen: heap corruption). The
 # FlashInfer function is named by an integer id in `prog` instead.
-_ARG_SPEC = ["args", "rets", "attrs.prog", "attrs.iconst", "attrs.fconst", "attrs.plan_info"]
+_ARG_SPEC = ["args", "rets", "attrs.prog", "attrs.iconst", "attrs.fconst"]
 _FN_PREFIX = "seqattn.fi.fn"
 
 # program opcodes (keep in sync with _SHIM)
@@ -135,15 +134,40 @@ const Tensor& Raw(DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
   return it->second;
 }
 
+// The latest plan_info of each plan slot, published by the step's plan callback (host, Python)
+// before XLA runs the step's FFI calls: XLA executes a program's thunks in order on one host thread.
+std::unordered_map<int64_t, Array<int64_t>>* Plans() {
+  static auto* plans = new std::unordered_map<int64_t, Array<int64_t>>();
+  return plans;
+}
+std::mutex* PlansMu() {
+  static auto* mu = new std::mutex();
+  return mu;
+}
+
+void PlanSet(int64_t slot, Array<int64_t> plan_info) {
+  std::lock_guard<std::mutex> lock(*PlansMu());
+  (*Plans())[slot] = plan_info;
+}
+
+Array<int64_t> PlanGet(int64_t slot) {
+  std::lock_guard<std::mutex> lock(*PlansMu());
+  auto it = Plans()->find(slot);
+  TVM_FFI_ICHECK(it != Plans()->end()) << "seqattn.fi_call: plan slot " << slot
+                                       << " was never planned";
+  return it->second;
+}
+
 void FiCall(PackedArgs args, Any* rv) {
   const int n = args.size();
-  TVM_FFI_ICHECK_GE(n, 4) << "seqattn.fi_call: missing attributes";
-  Array<int64_t> prog = args[n - 4].cast<Array<int64_t>>();
-  Array<int64_t> iconst = args[n - 3].cast<Array<int64_t>>();
-  Array<double> fconst = args[n - 2].cast<Array<double>>();
-  AnyView plan_info = args[n - 1];
+  TVM_FFI_ICHECK_GE(n, 3) << "seqattn.fi_call: missing attributes";
+  Array<int64_t> prog = args[n - 3].cast<Array<int64_t>>();
+  Array<int64_t> iconst = args[n - 2].cast<Array<int64_t>>();
+  Array<double> fconst = args[n - 1].cast<Array<double>>();
   const int64_t n_in = prog[0], n_out = prog[1], fn_id = prog[2];
-  TVM_FFI_ICHECK_EQ(n_in + n_out + 4, n) << "seqattn.fi_call: operand count mismatch";
+  TVM_FFI_ICHECK_EQ(n_in + n_out + 3, n) << "seqattn.fi_call: operand count mismatch";
+  std::vector<Array<int64_t>> keep;   // plan_info objects stay alive during the call
+  keep.reserve(2);
   Views vs;
   DLTensor* first = args[0].cast<DLTensor*>();
   DLDevice dev = first->device;
@@ -160,7 +184,7 @@ void FiCall(PackedArgs args, Any* rv) {
       case 5: call.emplace_back(static_cast<double>(fconst[x])); break;
       case 6: call.emplace_back(static_cast<bool>(iconst[x] != 0)); break;
       case 7: call.emplace_back(AnyView()); break;
-      case 8: call.emplace_back(plan_info); break;
+      case 8: keep.push_back(PlanGet(x)); call.emplace_back(keep.back()); break;
       case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
       default: TVM_FFI_THROW(ValueError) << "seqattn.fi_call: bad opcode " << op;
     }
@@ -171,7 +195,9 @@ void FiCall(PackedArgs args, Any* rv) {
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
-  tvm::ffi::reflection::GlobalDef().def_packed("seqattn.fi_call", FiCall);
+  tvm::ffi::reflection::GlobalDef()
+      .def_packed("seqattn.fi_call", FiCall)
+      .def("seqattn.fi_plan_set", PlanSet);
 }
 """
 
@@ -210,8 +236,9 @@ def _register(platform: str = "gpu"):
             _state["shim"] = tvm_ffi.cpp.load_inline(name="seqattn_fi_shim", cpp_sources=_SHIM)
         func = tvm_ffi.get_global_func("seqattn.fi_call")
         name = _TARGET if platform == "gpu" else f"{_TARGET}_{platform}"
+        # not capturable: each call reads the step's plan_info, published at run time
         jax_tvm_ffi.register_ffi_target(name, func, _ARG_SPEC, platform=platform,
-                                        allow_cuda_graph=True)
+                                        allow_cuda_graph=False)
         _state[key] = name
         return name
 
@@ -276,8 +303,8 @@ class Program:
         self.prog += [NONE, 0]
         return self
 
-    def plan(self):
-        self.prog += [PLAN, 0]
+    def plan(self, slot_id: int):
+        self.prog += [PLAN, int(slot_id)]
         return self
 
     def raw(self, tensor, code: int):
@@ -287,12 +314,11 @@ class Program:
         self.prog += [RAW, idx]
         return self
 
-    def attrs(self, fn_id: int, plan_info) -> dict:
+    def attrs(self, fn_id: int) -> dict:
         self.prog[2] = int(fn_id)
         return dict(prog=np.asarray(self.prog, np.int64),
                     iconst=np.asarray(self.iconst or [0], np.int64),
-                    fconst=np.asarray(self.fconst or [0.0], np.float64),
-                    plan_info=np.asarray(list(plan_info), np.int64))
+                    fconst=np.asarray(self.fconst or [0.0], np.float64))
 
 
 def _raw_functions(slot):
@@ -317,37 +343,35 @@ def _raw_functions(slot):
     return st.ffi_run_name
 
 
-def static_plan_info(slot) -> tuple:
-    """plan_info of the slot's CUDA-graph-mode plan: a function of the static shapes only."""
-    if slot.static_plan_info is not None:
-        return slot.static_plan_info
-    import torch  # noqa: PLC0415
+def publish_plan(slot) -> None:
+    """Hand the slot's new plan_info to the shim (called by the plan callback, every step)."""
+    fn = _state.get("plan_set")
+    if fn is None:
+        import tvm_ffi  # noqa: PLC0415
 
-    key = slot.key
-    B = key.batch_size
-    host = {"indptr": np.arange(B + 1, dtype=np.int32), "lpl": np.ones(B, np.int32),
-            "batch_indices": np.arange(key.num_rows, dtype=np.int32) % max(B, 1)}
-    if key.kind == "prefill":
-        host["qo_indptr"] = np.minimum(np.arange(B + 1, dtype=np.int32), key.num_rows)
-        host["qo_indptr"][-1] = key.num_rows
-    slot.provider.plan(slot, host)
-    torch.cuda.synchronize()
-    slot.static_plan_info = tuple(int(x) for x in slot.plan_info)
-    return slot.static_plan_info
+        fn = _state["plan_set"] = tvm_ffi.get_global_func("seqattn.fi_plan_set")
+    fn(slot.id, slot.plan_info)
+
+
+def _prepare(slot) -> tuple[str, int]:
+    target = _register()
+    fn_id = _raw_functions(slot)
+    slot.on_plan = publish_plan
+    return target, fn_id
 
 
 def _decode_program(slot, rp, n_out):
     key, st = slot.key, slot.state
     p = Program(6, n_out)   # inputs: q, kv, indptr, indices, lpl, token
     if key.decode_kernel == "cuda_core":
-        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan().inp(0).k(1).v(1).inp(2).inp(3)
+        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1).inp(2).inp(3)
          .inp(4).out(0))
         p.out(1) if rp.return_lse else p.none()
         (p.int_(st.layout).int_(key.window_left).bool_(st.pdl).raw(st.alibi, RAW_F32)
          .float_(key.logits_soft_cap).float_(rp.sm_scale).float_(1.0 / rp.rope_scale)
          .float_(1.0 / rp.rope_theta))
     else:
-        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan().inp(0).k(1).v(1)
+        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1)
          .raw(st.arange_qo, RAW_I32).inp(2).inp(3).inp(4).out(0))
         p.out(1) if rp.return_lse else p.none()
         _paged_tail(p, st, key, rp, mask_mode=0)
@@ -363,26 +387,22 @@ def _paged_tail(p, st, key, rp, mask_mode):
 
 def decode(key, rp, token, q, kv, indptr, indices, lpl):
     slot = ops.get_slot(key)
-    target = _register()
-    name = _raw_functions(slot)
-    plan_info = static_plan_info(slot)
+    target, fn_id = _prepare(slot)
     p = _decode_program(slot, rp, 2 if rp.return_lse else 1)
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if rp.return_lse:
         outs.append(jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
     res = jax.ffi.ffi_call(target, tuple(outs))(q, kv, indptr, indices, lpl, token,
-                                                **p.attrs(name, plan_info))
+                                                **p.attrs(fn_id))
     return tuple(res)
 
 
 def prefill(key, rp, token, q, kv, qo_indptr, indptr, indices, lpl):
     slot = ops.get_slot(key)
-    target = _register()
-    name = _raw_functions(slot)
-    plan_info = static_plan_info(slot)
+    target, fn_id = _prepare(slot)
     st = slot.state
     p = Program(7, 2 if rp.return_lse else 1)  # q, kv, qo_indptr, indptr, indices, lpl, token
-    (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan().inp(0).k(1).v(1).inp(2).inp(3)
+    (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1).inp(2).inp(3)
      .inp(4).inp(5).out(0))
     p.out(1) if rp.return_lse else p.none()
     _paged_tail(p, st, key, rp, mask_mode=1 if key.causal else 0)
@@ -390,7 +410,7 @@ def prefill(key, rp, token, q, kv, qo_indptr, indptr, indices, lpl):
     if rp.return_lse:
         outs.append(jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
     res = jax.ffi.ffi_call(target, tuple(outs))(q, kv, qo_indptr, indptr, indices, lpl, token,
-                                                **p.attrs(name, plan_info))
+                                                **p.attrs(fn_id))
     # rows past qo_indptr[B] are not written by the kernel: zero them (lse -inf) in XLA
     row_ok = jnp.arange(q.shape[0], dtype=jnp.int32) < qo_indptr[-1]
     out = jnp.where(row_ok[:, None, None], res[0], jnp.zeros((), q.dtype))

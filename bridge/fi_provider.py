@@ -162,7 +162,7 @@ class FlashInferProvider:
         return st.module.plan(
             float_ws, int_ws, pinned, qo_host, torch.from_numpy(indptr),
             self._kv_lens(indptr, lpl, key.page_size), total_rows, B, key.num_qo_heads,
-            key.num_kv_heads, key.page_size, key.cuda_graph, key.head_dim, key.head_dim, causal,
+            key.num_kv_heads, key.page_size, False, key.head_dim, key.head_dim, causal,
             key.window_left, -1, False, num_colocated, 0)
 
     def plan(self, slot, host):
@@ -170,7 +170,7 @@ class FlashInferProvider:
         if key.kind == "decode" and key.decode_kernel == "cuda_core":
             slot.plan_info = st.module.plan(
                 st.float_ws, st.int_ws, st.pinned, torch.from_numpy(host["indptr"]),
-                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, key.cuda_graph,
+                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, False,
                 key.window_left, key.logits_soft_cap, key.head_dim, key.head_dim,
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
         elif key.kind in ("decode", "pod"):
@@ -179,8 +179,7 @@ class FlashInferProvider:
                 host["lpl"], key.batch_size, False)
         elif key.kind == "prefill":
             qo = host["qo_indptr"]
-            # CUDA-graph mode sizes the schedule for the static row count (plan_info constant)
-            rows = key.num_rows if key.cuda_graph else int(qo[-1])
+            rows = int(qo[-1])
             slot.plan_info = self._plan_prefill_like(
                 st, key, st.float_ws, st.int_ws, st.pinned, torch.from_numpy(qo.copy()),
                 host["indptr"], host["lpl"], rows, key.causal)

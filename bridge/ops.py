@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import threading
 from typing import Any
@@ -76,7 +77,7 @@ class PlanKey:
     logits_soft_cap: float = 0.0
     decode_kernel: str = "tensor_core"   # "tensor_core" | "cuda_core"
     batch_size_p: int = 0         # batch_pod: prefill requests
-    cuda_graph: bool = False      # FlashInfer's CUDA-graph planning mode (static plan_info): FFI path
+    ffi: bool = False             # runs are XLA FFI calls (bridge/ffi.py): publish plan_info
     slot: int = 0
 
     @property
@@ -101,8 +102,9 @@ class PlanSlot:
         self.key = key
         self.provider = provider
         self.state: Any = provider.make_state(key)   # modules, workspaces (trace time)
+        self.id = next(_slot_ids)                     # the FFI shim's name for this slot
+        self.on_plan = None                           # FFI path: publishes plan_info
         self.plan_info: Any = None
-        self.static_plan_info: tuple | None = None    # FFI path: plan_info baked into the HLO
         self.plan_info_p: Any = None
         self.empty_req: torch.Tensor | None = None   # decode requests with no pages
         self.empty_req_p: torch.Tensor | None = None
@@ -113,6 +115,7 @@ class PlanSlot:
 
 
 _slots: dict[PlanKey, PlanSlot] = {}
+_slot_ids = itertools.count()
 _slots_lock = threading.Lock()
 
 
@@ -186,11 +189,8 @@ def _plan_callback(slot: PlanSlot):
             device = meta_t.device
             host = _split_meta(key, meta_t.cpu().numpy())   # waits for XLA's stream
             slot.provider.plan(slot, host)
-            if slot.static_plan_info is not None and \
-                    tuple(int(x) for x in slot.plan_info) != slot.static_plan_info:
-                raise RuntimeError(
-                    f"seqattn_jax.bridge: FlashInfer's CUDA-graph-mode plan_info changed "
-                    f"({tuple(slot.plan_info)} != {slot.static_plan_info}) for {key}")
+            if slot.on_plan is not None:
+                slot.on_plan(slot)
             # padding bookkeeping (host only; device index tensors only when padding exists)
             if key.kind in ("decode", "pod", "batch_pod") and \
                     not getattr(slot.provider, "zeroes_empty_requests", False):

@@ -328,7 +328,7 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
         pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
         logits_soft_cap=float(logits_soft_cap),
         decode_kernel=_decode_kernel(decode_kernel, num_qo_heads // config.num_kv_heads),
-        cuda_graph=_use_ffi("decode"), slot=slot)
+        ffi=_use_ffi("decode"), slot=slot)
     token = ops.plan(key, *_meta_arrays_decode(packed, b))
     return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
 
@@ -359,7 +359,7 @@ def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
         kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype, causal=bool(causal),
         pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-        logits_soft_cap=float(logits_soft_cap), cuda_graph=_use_ffi("prefill"), slot=slot)
+        logits_soft_cap=float(logits_soft_cap), ffi=_use_ffi("prefill"), slot=slot)
     token = ops.plan(key, packed.kv_page_indptr, packed.kv_last_page_len, packed.qo_indptr,
                      packed.batch_indices)
     return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
@@ -506,7 +506,7 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, sm
     _check_key_shapes("batch_decode", key, q_shape=(tuple(q.shape), (key.batch_size,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    run = bridge_module("ffi").decode if key.cuda_graph else bridge_module("ops").decode
+    run = bridge_module("ffi").decode if key.ffi else bridge_module("ops").decode
     res = run(key, rp, plan.token, q, kv, packed.kv_page_indptr,
               _layer_indices(config, packed, layer), packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]
@@ -540,7 +540,7 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, c
     _check_key_shapes("batch_prefill", key, q_shape=(tuple(q.shape), (key.num_rows,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    run = bridge_module("ffi").prefill if key.cuda_graph else bridge_module("ops").prefill
+    run = bridge_module("ffi").prefill if key.ffi else bridge_module("ops").prefill
     res = run(key, rp, plan.token, q, kv, packed.qo_indptr, packed.kv_page_indptr,
               _layer_indices(config, packed, layer), packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]

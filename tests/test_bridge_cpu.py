@@ -410,14 +410,15 @@ def test_ffi_shim_assembles_views_and_constants():
 
     fn_id = ffi.register_function(tvm_ffi.convert(fn))
     ws = torch.zeros(64, dtype=torch.uint8)
-    p = (ffi.Program(2, 1).raw(ws, ffi.RAW_U8).plan().inp(0).k(1).v(1).out(0).none()
+    tvm_ffi.get_global_func("seqattn.fi_plan_set")(12345, tvm_ffi.convert([11, 12]))
+    p = (ffi.Program(2, 1).raw(ws, ffi.RAW_U8).plan(12345).inp(0).k(1).v(1).out(0).none()
          .int_(7).float_(2.5).bool_(True))
     cpu = jax.devices("cpu")[0]
     kv = jax.device_put(jnp.arange(2 * 2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 2, 3, 4, 5),
                         cpu)
     q = jax.device_put(jnp.ones((3, 5), jnp.float32), cpu)
     out = jax.jit(lambda q, kv: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(
-        q, kv, **p.attrs(fn_id, (11, 12))))(q, kv)
+        q, kv, **p.attrs(fn_id)))(q, kv)
     out.block_until_ready()
     a = seen["args"]
     assert a[0] == ((64,), (1,), ws.data_ptr(), "uint8")
