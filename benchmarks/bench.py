@@ -67,6 +67,14 @@ def time_jax(fn, args, n_inner, repeats=5):
     return statistics.median(ts)
 
 
+def time_jax_marginal(build, args, n1=10, n2=60, repeats=5):
+    """Seconds per call from two jitted programs of n1 and n2 chained calls: the difference
+    cancels each program's fixed cost (dispatch, the plan callback's stream sync and host plan)."""
+    t1 = time_jax(build(n1), args, 1, repeats)
+    t2 = time_jax(build(n2), args, 1, repeats)
+    return (t2 - t1) / (n2 - n1), t2 / n2
+
+
 def time_torch(fn, n_inner, repeats=5):
     import torch
 
@@ -201,14 +209,17 @@ def bench_kernel(n_inner=50):
             if bridge == "ffi" and not attention.bridge_module("ffi").available():
                 continue
             for kernel in ("tensor_core", "cuda_core"):
-                def many(q, kv, packed, kernel=kernel):
-                    plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer",
-                                                 decode_kernel=kernel)
-                    for _ in range(n_inner):
-                        q = attention.batch_decode(cfg, q, kv, packed, plan=plan)
-                    return q
-                res[f"jax_{bridge}_{'tc' if kernel == 'tensor_core' else 'cuda_core'}"] = \
-                    time_jax(jax.jit(many), (q, kv, packed), n_inner)
+                def build(n, kernel=kernel):
+                    def many(q, kv, packed):
+                        plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer",
+                                                     decode_kernel=kernel)
+                        for _ in range(n):
+                            q = attention.batch_decode(cfg, q, kv, packed, plan=plan)
+                        return q
+                    return jax.jit(many)
+                name = f"jax_{bridge}_{'tc' if kernel == 'tensor_core' else 'cuda_core'}"
+                res[name], res[name + "_whole_program"] = time_jax_marginal(
+                    build, (q, kv, packed))
         attention.BRIDGE = "auto"
 
         # Pallas paged_attention (head-major K/V pages, no softmax scale: pre-scale q)
@@ -267,7 +278,7 @@ def _kernel_row(r):
     nb = r["kv_bytes"]
     parts = [f"bs={r['bs']:>3} ctx={r['ctx']:>4}:"]
     for k, v in r.items():
-        if k in ("bs", "ctx", "kv_bytes") or v is None:
+        if k in ("bs", "ctx", "kv_bytes") or v is None or k.endswith("_whole_program"):
             continue
         parts.append(f"{k}={v * 1e6:.0f}us({nb / v / 1e12:.2f}TB/s)")
     return " ".join(parts)
@@ -316,8 +327,10 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
         attention.BRIDGE = bridge
         if bridge == "ffi" and not attention.bridge_module("ffi").available():
             continue
-        for use_scan, append_impl in ((False, "scatter"), (True, "scatter"),
-                                      (False, "flashinfer")):
+        variants = [(False, "scatter"), (True, "scatter"), (False, "flashinfer")]
+        if bridge == "ffi":
+            variants.append((True, "flashinfer"))
+        for use_scan, append_impl in variants:
             step = make_step(use_scan, append_impl)
             state, kv = state0, kv0 + 0
             ptr = kv.unsafe_buffer_pointer()
@@ -336,6 +349,43 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
             res[name + "_no_copy"] = kv.unsafe_buffer_pointer() == ptr
             log(f"  {name}: {res[name] * 1e3:.3f} ms/step (pool not copied: {res[name + '_no_copy']})")
             del kv
+    attention.BRIDGE = "ffi" if attention.bridge_module("ffi").available() else "callback"
+    # the step's fixed part alone: allocate_decoding + pack + plan (no layer)
+    def head(state, kv):
+        state, ok = sj.allocate_decoding(state, seq_ids)
+        packed = sj.pack_for_flashinfer(state, seq_ids)
+        plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+        return state, plan.token
+
+    res["jax_step_head_only"] = time_jax(jax.jit(head), (state0, kv0), 1, repeats=9)
+    log(f"  jax allocate+pack+plan only: {res['jax_step_head_only'] * 1e3:.3f} ms")
+    # append alone, per layer call (marginal): JAX scatter vs FlashInfer's kernel over FFI
+    packed0 = sj.pack_for_flashinfer(state0, seq_ids)
+    for impl in ("scatter", "flashinfer"):
+        def build(n, impl=impl):
+            def many(kv, packed):
+                plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+                for i in range(n):
+                    kv = attention.append_kv(cfg, kv, kk[i % num_layers], kk[i % num_layers],
+                                             packed, layer=i % num_layers, plan=plan, impl=impl)
+                return kv
+            return jax.jit(many, donate_argnums=0)
+        kvx = kv0 + 0
+        t = []
+        for n in (8, 32):
+            f = build(n)
+            kvx = f(kvx, packed0)
+            jax.block_until_ready(kvx)
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                kvx = f(kvx, packed0)
+                jax.block_until_ready(kvx)
+                ts.append(time.perf_counter() - t0)
+            t.append(statistics.median(ts))
+        res[f"jax_{attention.BRIDGE}_append_{impl}"] = (t[1] - t[0]) / 24
+        log(f"  append {impl} ({attention.BRIDGE}): {res[f'jax_{attention.BRIDGE}_append_{impl}'] * 1e6:.1f} us/call")
+        del kvx
     attention.BRIDGE = "auto"
 
     # torch: the same kernels (tensor-core decode, FlashInfer append), eager and CUDA graph
@@ -425,43 +475,48 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     k_p = jax.random.normal(key, (prefill, HKV, D), jnp.float32).astype(DT)
     v_p = k_p * 0.5
 
-    def pod_many(q_p, k_p, v_p, q_d, kv, packed_d):
-        plan = attention.plan_pod(cfg, packed_d, HQ, backend="flashinfer")
-        for _ in range(n_inner):
-            q_p, q_d = attention.pod(cfg, q_p, k_p, v_p, q_d, kv, packed_d, causal_p=True,
-                                     plan=plan)
-        return q_p, q_d
+    def pod_build(n):
+        def pod_many(q_p, k_p, v_p, q_d, kv, packed_d):
+            plan = attention.plan_pod(cfg, packed_d, HQ, backend="flashinfer")
+            for _ in range(n):
+                q_p, q_d = attention.pod(cfg, q_p, k_p, v_p, q_d, kv, packed_d, causal_p=True,
+                                         plan=plan)
+            return q_p, q_d
+        return jax.jit(pod_many)
 
-    def sep_many(q_p, q_d, kv, packed_p, packed_d):
-        plan_p = attention.plan_prefill(cfg, packed_p, HQ, causal=True, backend="flashinfer")
-        plan_d = attention.plan_decode(cfg, packed_d, HQ, backend="flashinfer")
-        for _ in range(n_inner):
-            q_p = attention.batch_prefill(cfg, q_p, kv, packed_p, causal=True, plan=plan_p)
-            q_d = attention.batch_decode(cfg, q_d, kv, packed_d, plan=plan_d)
-        return q_p, q_d
+    def sep_build(n):
+        def sep_many(q_p, q_d, kv, packed_p, packed_d):
+            plan_p = attention.plan_prefill(cfg, packed_p, HQ, causal=True, backend="flashinfer")
+            plan_d = attention.plan_decode(cfg, packed_d, HQ, backend="flashinfer")
+            for _ in range(n):
+                q_p = attention.batch_prefill(cfg, q_p, kv, packed_p, causal=True, plan=plan_p)
+                q_d = attention.batch_decode(cfg, q_d, kv, packed_d, plan=plan_d)
+            return q_p, q_d
+        return jax.jit(sep_many)
 
-    def bpod_many(q_p, q_d, kv, packed_p, packed_d):
-        plan = attention.plan_batch_pod(cfg, packed_p, packed_d, HQ, causal_p=True,
-                                        backend="flashinfer")
-        for _ in range(n_inner):
-            q_p, q_d = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, causal_p=True,
-                                           plan=plan)
-        return q_p, q_d
+    def bpod_build(n):
+        def bpod_many(q_p, q_d, kv, packed_p, packed_d):
+            plan = attention.plan_batch_pod(cfg, packed_p, packed_d, HQ, causal_p=True,
+                                            backend="flashinfer")
+            for _ in range(n):
+                q_p, q_d = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv,
+                                               causal_p=True, plan=plan)
+            return q_p, q_d
+        return jax.jit(bpod_many)
 
     for bridge in ("callback", "ffi"):
         attention.BRIDGE = bridge
         if bridge == "ffi" and not attention.bridge_module("ffi").available():
             continue
-        res[f"jax_{bridge}_separate"] = time_jax(jax.jit(sep_many), (q_p, q_d, kv, packed_p,
-                                                                     packed_d), n_inner)
+        res[f"jax_{bridge}_separate"], _ = time_jax_marginal(
+            sep_build, (q_p, q_d, kv, packed_p, packed_d), 5, 25)
         log(f"  jax_{bridge}_separate: {res[f'jax_{bridge}_separate'] * 1e6:.0f} us")
     attention.BRIDGE = "callback"
-    t0 = time.time()
-    res["jax_pod"] = time_jax(jax.jit(pod_many), (q_p, k_p, v_p, q_d, kv, packed_d), n_inner)
-    log(f"  jax_pod: {res['jax_pod'] * 1e6:.0f} us (incl. first-use build {time.time() - t0:.0f}s)")
-    t0 = time.time()
-    res["jax_batch_pod"] = time_jax(jax.jit(bpod_many), (q_p, q_d, kv, packed_p, packed_d), n_inner)
-    log(f"  jax_batch_pod: {res['jax_batch_pod'] * 1e6:.0f} us (incl. build {time.time() - t0:.0f}s)")
+    res["jax_pod"], _ = time_jax_marginal(pod_build, (q_p, k_p, v_p, q_d, kv, packed_d), 5, 25)
+    log(f"  jax_pod: {res['jax_pod'] * 1e6:.0f} us")
+    res["jax_batch_pod"], _ = time_jax_marginal(bpod_build, (q_p, q_d, kv, packed_p, packed_d),
+                                                5, 25)
+    log(f"  jax_batch_pod: {res['jax_batch_pod'] * 1e6:.0f} us")
     attention.BRIDGE = "auto"
 
     # torch: POD wrapper vs single prefill (contiguous K/V) + decode
@@ -502,8 +557,10 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
         (torch.from_dlpack(od).float() - od_t.float()).abs().max())
     log(f"  checks: {res['check_pod_decode_vs_decode']:.2e} "
         f"{res['check_pod_prefill_vs_torch_pod']:.2e} {res['check_pod_decode_vs_torch_pod']:.2e}")
-    res["pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_pod"]
-    res["batch_pod_speedup_vs_separate"] = res["jax_callback_separate"] / res["jax_batch_pod"]
+    sep = min(v for k, v in res.items() if k.endswith("_separate") and k.startswith("jax_"))
+    res["pod_speedup_vs_separate"] = sep / res["jax_pod"]
+    res["batch_pod_speedup_vs_separate"] = sep / res["jax_batch_pod"]
+    res["torch_pod_speedup_vs_separate"] = res["torch_separate"] / res["torch_pod"]
     return res
 
 

@@ -42,7 +42,7 @@ _ARG_SPEC = ["args", "rets", "attrs.prog", "attrs.iconst", "attrs.fconst"]
 _FN_PREFIX = "seqattn.fi.fn"
 
 # program opcodes (keep in sync with _SHIM)
-IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW = range(10)
+IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW, ROWS, KIN, VIN, KOUT, VOUT = range(15)
 RAW_U8, RAW_F32, RAW_I32 = 0, 1, 2
 
 _SHIM = r"""
@@ -86,23 +86,47 @@ const Function& Lookup(int64_t id) {
   return it->second;
 }
 
-// K (which = 0) or V (which = 1) half of a compact pool [P, 2, a, b, D] -> [P, a, b, D] view.
-DLTensor* Half(Views& vs, const DLTensor* kv, int which) {
+// K (which = 0) or V (which = 1) half of pages [first, first + count) of a compact pool
+// [P, 2, a, b, D] -> a [count, a, b, D] strided view (count < 0: all pages).
+DLTensor* Half(Views& vs, const DLTensor* kv, int which, int64_t first = 0, int64_t count = -1) {
   TVM_FFI_ICHECK_EQ(kv->ndim, 5) << "seqattn.fi_call: the KV pool must be 5-D";
   DLTensor* t = vs.next();
   int64_t* sh = vs.shape[vs.n];
   int64_t* st = vs.stride[vs.n];
   vs.n++;
   int64_t P = kv->shape[0], a = kv->shape[2], b = kv->shape[3], d = kv->shape[4];
-  sh[0] = P; sh[1] = a; sh[2] = b; sh[3] = d;
+  if (count < 0) count = P - first;
+  TVM_FFI_ICHECK(first >= 0 && first + count <= P) << "seqattn.fi_call: page range out of pool";
+  sh[0] = count; sh[1] = a; sh[2] = b; sh[3] = d;
   st[0] = 2 * a * b * d; st[1] = b * d; st[2] = d; st[3] = 1;
   *t = *kv;
   t->ndim = 4;
   t->shape = sh;
   t->strides = st;
   size_t elem = (kv->dtype.bits * kv->dtype.lanes + 7) / 8;
-  t->data = static_cast<char*>(kv->data) + kv->byte_offset + which * a * b * d * elem;
+  t->data = static_cast<char*>(kv->data) + kv->byte_offset +
+            (first * 2 * a * b * d + which * a * b * d) * elem;
   t->byte_offset = 0;
+  return t;
+}
+
+// The first `rows` rows of a buffer (the real token rows of a packed batch).
+DLTensor* Rows(Views& vs, const DLTensor* x, int64_t rows) {
+  DLTensor* t = vs.next();
+  int64_t* sh = vs.shape[vs.n];
+  int64_t* st = vs.stride[vs.n];
+  vs.n++;
+  TVM_FFI_ICHECK_LE(x->ndim, 6);
+  *t = *x;
+  int64_t s = 1;
+  for (int i = x->ndim - 1; i >= 0; --i) {
+    sh[i] = x->shape[i];
+    st[i] = x->strides ? x->strides[i] : s;
+    s *= x->shape[i];
+  }
+  sh[0] = rows;
+  t->shape = sh;
+  t->strides = st;
   return t;
 }
 
@@ -136,8 +160,12 @@ const Tensor& Raw(DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
 
 // The latest plan_info of each plan slot, published by the step's plan callback (host, Python)
 // before XLA runs the step's FFI calls: XLA executes a program's thunks in order on one host thread.
-std::unordered_map<int64_t, Array<int64_t>>* Plans() {
-  static auto* plans = new std::unordered_map<int64_t, Array<int64_t>>();
+struct PlanRec {
+  Array<int64_t> info;
+  int64_t rows;  // real token rows (a prefix of the batch's rows), -1 if not a prefix
+};
+std::unordered_map<int64_t, PlanRec>* Plans() {
+  static auto* plans = new std::unordered_map<int64_t, PlanRec>();
   return plans;
 }
 std::mutex* PlansMu() {
@@ -145,12 +173,12 @@ std::mutex* PlansMu() {
   return mu;
 }
 
-void PlanSet(int64_t slot, Array<int64_t> plan_info) {
+void PlanSet(int64_t slot, Array<int64_t> plan_info, int64_t rows) {
   std::lock_guard<std::mutex> lock(*PlansMu());
-  (*Plans())[slot] = plan_info;
+  (*Plans())[slot] = PlanRec{plan_info, rows};
 }
 
-Array<int64_t> PlanGet(int64_t slot) {
+PlanRec PlanGet(int64_t slot) {
   std::lock_guard<std::mutex> lock(*PlansMu());
   auto it = Plans()->find(slot);
   TVM_FFI_ICHECK(it != Plans()->end()) << "seqattn.fi_call: plan slot " << slot
@@ -168,6 +196,7 @@ void FiCall(PackedArgs args, Any* rv) {
   TVM_FFI_ICHECK_EQ(n_in + n_out + 3, n) << "seqattn.fi_call: operand count mismatch";
   std::vector<Array<int64_t>> keep;   // plan_info objects stay alive during the call
   keep.reserve(2);
+  bool skip = false;                    // nothing to do (no real rows)
   Views vs;
   DLTensor* first = args[0].cast<DLTensor*>();
   DLDevice dev = first->device;
@@ -184,11 +213,28 @@ void FiCall(PackedArgs args, Any* rv) {
       case 5: call.emplace_back(static_cast<double>(fconst[x])); break;
       case 6: call.emplace_back(static_cast<bool>(iconst[x] != 0)); break;
       case 7: call.emplace_back(AnyView()); break;
-      case 8: keep.push_back(PlanGet(x)); call.emplace_back(keep.back()); break;
+      case 8: keep.push_back(PlanGet(x).info); call.emplace_back(keep.back()); break;
+      case 10: {  // input iconst[x] cut to the real rows of plan slot iconst[x + 1]
+        int64_t rows = PlanGet(iconst[x + 1]).rows;
+        TVM_FFI_ICHECK_GE(rows, 0) << "seqattn.fi_call: the batch's real token rows are not a "
+                                      "prefix of its rows";
+        if (rows == 0) skip = true;
+        call.emplace_back(Rows(vs, args[iconst[x]].cast<DLTensor*>(), rows));
+        break;
+      }
+      case 11: case 12:  // K / V of input iconst[x], pages [iconst[x+1], +iconst[x+2])
+        call.emplace_back(Half(vs, args[iconst[x]].cast<DLTensor*>(), op == 12, iconst[x + 1],
+                               iconst[x + 2]));
+        break;
+      case 13: case 14:  // K / V of output iconst[x], pages [iconst[x+1], +iconst[x+2])
+        call.emplace_back(Half(vs, args[n_in + iconst[x]].cast<DLTensor*>(), op == 14,
+                               iconst[x + 1], iconst[x + 2]));
+        break;
       case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
       default: TVM_FFI_THROW(ValueError) << "seqattn.fi_call: bad opcode " << op;
     }
   }
+  if (skip) return;
   Any result;
   Lookup(fn_id).CallPacked(call.data(), static_cast<int32_t>(call.size()), &result);
 }
@@ -303,6 +349,23 @@ class Program:
         self.prog += [NONE, 0]
         return self
 
+    def rows(self, i, slot_id: int):
+        """Input i cut to the plan slot's real token rows (published each step)."""
+        idx = self._i(i)
+        self._i(slot_id)
+        self.prog += [ROWS, idx]
+        return self
+
+    def kv_pages(self, which: str, i: int, first: int, count: int, output: bool = False):
+        """K or V view of pages [first, first + count) of input (or output) pool i."""
+        op = {("k", False): KIN, ("v", False): VIN, ("k", True): KOUT, ("v", True): VOUT}[
+            (which, output)]
+        idx = self._i(i)
+        self._i(first)
+        self._i(count)
+        self.prog += [op, idx]
+        return self
+
     def plan(self, slot_id: int):
         self.prog += [PLAN, int(slot_id)]
         return self
@@ -350,7 +413,8 @@ def publish_plan(slot) -> None:
         import tvm_ffi  # noqa: PLC0415
 
         fn = _state["plan_set"] = tvm_ffi.get_global_func("seqattn.fi_plan_set")
-    fn(slot.id, slot.plan_info)
+    rows = slot.append_rows if slot.append_rows is not None else -1
+    fn(slot.id, slot.plan_info if slot.plan_info is not None else [], rows)
 
 
 def _prepare(slot) -> tuple[str, int]:
@@ -360,19 +424,26 @@ def _prepare(slot) -> tuple[str, int]:
     return target, fn_id
 
 
-def _decode_program(slot, rp, n_out):
+def _kv(p, i, pages):
+    """K and V views of pool input i: the whole pool (pages None) or a static page range."""
+    if pages is None:
+        return p.k(i).v(i)
+    return p.kv_pages("k", i, *pages).kv_pages("v", i, *pages)
+
+
+def _decode_program(slot, rp, n_out, pages):
     key, st = slot.key, slot.state
     p = Program(6, n_out)   # inputs: q, kv, indptr, indices, lpl, token
+    p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0)
+    _kv(p, 1, pages)
     if key.decode_kernel == "cuda_core":
-        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1).inp(2).inp(3)
-         .inp(4).out(0))
+        p.inp(2).inp(3).inp(4).out(0)
         p.out(1) if rp.return_lse else p.none()
         (p.int_(st.layout).int_(key.window_left).bool_(st.pdl).raw(st.alibi, RAW_F32)
          .float_(key.logits_soft_cap).float_(rp.sm_scale).float_(1.0 / rp.rope_scale)
          .float_(1.0 / rp.rope_theta))
     else:
-        (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1)
-         .raw(st.arange_qo, RAW_I32).inp(2).inp(3).inp(4).out(0))
+        p.raw(st.arange_qo, RAW_I32).inp(2).inp(3).inp(4).out(0)
         p.out(1) if rp.return_lse else p.none()
         _paged_tail(p, st, key, rp, mask_mode=0)
     return p
@@ -385,10 +456,12 @@ def _paged_tail(p, st, key, rp, mask_mode):
      .float_(1.0 / rp.rope_theta).int_(0))
 
 
-def decode(key, rp, token, q, kv, indptr, indices, lpl):
+def decode(key, rp, token, q, kv, indptr, indices, lpl, pages=None):
+    """FlashInfer decode as an XLA FFI call. `pages=(first, count)`: a static layer's page range
+    of the pool (then `indices` are layer-local); None: `indices` address the whole pool."""
     slot = ops.get_slot(key)
     target, fn_id = _prepare(slot)
-    p = _decode_program(slot, rp, 2 if rp.return_lse else 1)
+    p = _decode_program(slot, rp, 2 if rp.return_lse else 1, pages)
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if rp.return_lse:
         outs.append(jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
@@ -397,13 +470,14 @@ def decode(key, rp, token, q, kv, indptr, indices, lpl):
     return tuple(res)
 
 
-def prefill(key, rp, token, q, kv, qo_indptr, indptr, indices, lpl):
+def prefill(key, rp, token, q, kv, qo_indptr, indptr, indices, lpl, pages=None):
     slot = ops.get_slot(key)
     target, fn_id = _prepare(slot)
     st = slot.state
     p = Program(7, 2 if rp.return_lse else 1)  # q, kv, qo_indptr, indptr, indices, lpl, token
-    (p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0).k(1).v(1).inp(2).inp(3)
-     .inp(4).inp(5).out(0))
+    p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0)
+    _kv(p, 1, pages)
+    p.inp(2).inp(3).inp(4).inp(5).out(0)
     p.out(1) if rp.return_lse else p.none()
     _paged_tail(p, st, key, rp, mask_mode=1 if key.causal else 0)
     outs = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -417,3 +491,32 @@ def prefill(key, rp, token, q, kv, qo_indptr, indptr, indices, lpl):
     if rp.return_lse:
         return out, jnp.where(row_ok[:, None], res[1], -jnp.inf)
     return (out,)
+
+
+def append(key, token, kv, keys, values, batch_indices, positions, indptr, indices, lpl,
+           pages=None):
+    """FlashInfer's append kernel as an XLA FFI call writing the pool in place (the output aliases
+    input 0: donate the pool). Only the plan's real token rows (a prefix) are written."""
+    slot = ops.get_slot(key)
+    target = _register()
+    st = slot.state
+    fn_id = st.__dict__.get("ffi_append_id")
+    if fn_id is None:
+        from . import fi_provider  # noqa: PLC0415
+
+        fn_id = st.ffi_append_id = register_function(
+            fi_provider._page_module().append_paged_kv_cache)
+    slot.on_plan = publish_plan
+    # inputs: kv, keys, values, batch_indices, positions, indptr, indices, lpl, token
+    p = Program(9, 1)
+    p.rows(1, slot.id).rows(2, slot.id).rows(3, slot.id).rows(4, slot.id)
+    if pages is None:
+        p.kv_pages("k", 0, 0, -1, output=True).kv_pages("v", 0, 0, -1, output=True)
+    else:
+        p.kv_pages("k", 0, *pages, output=True).kv_pages("v", 0, *pages, output=True)
+    p.inp(6).inp(5).inp(7).int_(st.layout)
+    (out,) = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(kv.shape, kv.dtype),),
+                              input_output_aliases={0: 0})(
+        kv, keys, values, batch_indices, positions, indptr, indices, lpl, token,
+        **p.attrs(fn_id))
+    return out

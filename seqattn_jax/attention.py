@@ -64,9 +64,10 @@ CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 6, 8, 16)
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 # GQA group size from which "auto" picks the tensor-core decode kernel (benchmarks/README.md).
 TENSOR_CORE_MIN_GROUP = 4
-# append_kv's implementation under the FlashInfer backend when impl="auto" (benchmarks/README.md):
-# the JAX scatter costs no host round trip per layer; FlashInfer's append kernel needs a callback.
-DEFAULT_APPEND_IMPL = "scatter"
+# append_kv's implementation under a FlashInfer plan when impl="auto" (benchmarks/README.md): with
+# the buffer_callback bridge the JAX scatter wins (FlashInfer's kernel would cost a Python callback
+# per layer); with the XLA FFI bridge FlashInfer's append kernel is an FFI call too.
+DEFAULT_APPEND_IMPL = {"callback": "scatter", "ffi": "flashinfer"}
 # How FlashInfer's decode / prefill runs enter XLA: "ffi" (an XLA FFI custom call through
 # jax-tvm-ffi and a small C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++
 # compiler for the shim's one-time build), "callback" (a buffer_callback per call: Python per
@@ -466,6 +467,15 @@ def _layer_indices(config, packed, layer):
     return packed.layer_page_indices(layer, config.num_pages)
 
 
+def _ffi_layer(config, packed, layer):
+    """(indices, pages) for an FFI call: a Python-int layer becomes a static page range of the pool
+    with layer-local indices (no per-layer index add); a traced layer offsets the indices."""
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, (bool, np.bool_)):
+        _layer_indices(config, packed, layer)   # range check
+        return packed.kv_page_indices, (int(layer) * config.num_pages, config.num_pages)
+    return _layer_indices(config, packed, layer), None
+
+
 def _check_pool(config, kv):
     from seqattn_jax.kv import check_pool  # noqa: PLC0415
 
@@ -506,9 +516,14 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, sm
     _check_key_shapes("batch_decode", key, q_shape=(tuple(q.shape), (key.batch_size,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    run = bridge_module("ffi").decode if key.ffi else bridge_module("ops").decode
-    res = run(key, rp, plan.token, q, kv, packed.kv_page_indptr,
-              _layer_indices(config, packed, layer), packed.kv_last_page_len)
+    if key.ffi:
+        indices, pages = _ffi_layer(config, packed, layer)
+        res = bridge_module("ffi").decode(key, rp, plan.token, q, kv, packed.kv_page_indptr,
+                                          indices, packed.kv_last_page_len, pages=pages)
+    else:
+        res = bridge_module("ops").decode(key, rp, plan.token, q, kv, packed.kv_page_indptr,
+                                          _layer_indices(config, packed, layer),
+                                          packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]
 
 
@@ -540,9 +555,16 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, c
     _check_key_shapes("batch_prefill", key, q_shape=(tuple(q.shape), (key.num_rows,
                       key.num_qo_heads, key.head_dim)), q_dtype=(jnp.dtype(q.dtype).name, key.q_dtype))
     rp = _run_params(config, sm_scale, rope_scale, rope_theta, return_lse)
-    run = bridge_module("ffi").prefill if key.ffi else bridge_module("ops").prefill
-    res = run(key, rp, plan.token, q, kv, packed.qo_indptr, packed.kv_page_indptr,
-              _layer_indices(config, packed, layer), packed.kv_last_page_len)
+    if key.ffi:
+        indices, pages = _ffi_layer(config, packed, layer)
+        res = bridge_module("ffi").prefill(key, rp, plan.token, q, kv, packed.qo_indptr,
+                                           packed.kv_page_indptr, indices,
+                                           packed.kv_last_page_len, pages=pages)
+    else:
+        res = bridge_module("ops").prefill(key, rp, plan.token, q, kv, packed.qo_indptr,
+                                           packed.kv_page_indptr,
+                                           _layer_indices(config, packed, layer),
+                                           packed.kv_last_page_len)
     return (res[0], res[1]) if rp.return_lse else res[0]
 
 
@@ -638,9 +660,10 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     when the caller donates `kv` to its `jax.jit`.
 
     impl: "scatter" (the JAX scatter of `seqattn_jax.kv`, any backend), "flashinfer"
-    (FlashInfer's append kernel in a buffer_callback whose output aliases the pool; needs a
-    FlashInfer `plan` of this batch: decode, prefill or pod), or "auto" (`DEFAULT_APPEND_IMPL`
-    when a FlashInfer plan is given, else the scatter).
+    (FlashInfer's append kernel, as an XLA FFI call or a buffer_callback like the plan's runs,
+    its output aliasing the pool; needs a FlashInfer `plan` of this batch: decode, prefill or
+    pod, whose real token rows are a prefix of the rows, as `pack_for_flashinfer` makes them), or
+    "auto" (`DEFAULT_APPEND_IMPL` when a FlashInfer plan is given, else the scatter).
     """
     from seqattn_jax import kv as kv_mod  # noqa: PLC0415
 
@@ -655,8 +678,8 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
                              "(plan_decode / plan_prefill / plan_pod with backend != 'reference')")
         use_fi = True
     elif impl == "auto" and plan is not None and plan.backend == "flashinfer" and \
-            backend != "reference":
-        use_fi = DEFAULT_APPEND_IMPL == "flashinfer"
+            backend != "reference" and plan.meta.kind in ("decode", "prefill", "pod"):
+        use_fi = DEFAULT_APPEND_IMPL["ffi" if plan.meta.key.ffi else "callback"] == "flashinfer"
     if not use_fi:
         return kv_mod.append_kv(config, kv, keys, values, packed, layer=layer)
     if plan.meta.kind not in ("decode", "prefill", "pod"):
@@ -671,7 +694,14 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     key = plan.meta.key
     if packed.num_token_rows != (key.num_rows if key.kind == "prefill" else key.batch_size):
         raise ValueError("append_kv: packed does not match the plan's batch")
-    ops = bridge_module("ops")
-    return ops.append(key, plan.token, kv, keys.astype(kv.dtype), values.astype(kv.dtype),
-                      packed.batch_indices, packed.positions, packed.kv_page_indptr,
-                      _layer_indices(config, packed, layer), packed.kv_last_page_len)
+    keys, values = keys.astype(kv.dtype), values.astype(kv.dtype)
+    if key.ffi:
+        indices, pages = _ffi_layer(config, packed, layer)
+        return bridge_module("ffi").append(key, plan.token, kv, keys, values,
+                                           packed.batch_indices, packed.positions,
+                                           packed.kv_page_indptr, indices,
+                                           packed.kv_last_page_len, pages=pages)
+    return bridge_module("ops").append(key, plan.token, kv, keys, values, packed.batch_indices,
+                                       packed.positions, packed.kv_page_indptr,
+                                       _layer_indices(config, packed, layer),
+                                       packed.kv_last_page_len)

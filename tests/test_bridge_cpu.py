@@ -410,9 +410,9 @@ def test_ffi_shim_assembles_views_and_constants():
 
     fn_id = ffi.register_function(tvm_ffi.convert(fn))
     ws = torch.zeros(64, dtype=torch.uint8)
-    tvm_ffi.get_global_func("seqattn.fi_plan_set")(12345, tvm_ffi.convert([11, 12]))
+    tvm_ffi.get_global_func("seqattn.fi_plan_set")(12345, tvm_ffi.convert([11, 12]), 3)
     p = (ffi.Program(2, 1).raw(ws, ffi.RAW_U8).plan(12345).inp(0).k(1).v(1).out(0).none()
-         .int_(7).float_(2.5).bool_(True))
+         .int_(7).float_(2.5).bool_(True).kv_pages("v", 1, 1, 1).rows(0, 12345))
     cpu = jax.devices("cpu")[0]
     kv = jax.device_put(jnp.arange(2 * 2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 2, 3, 4, 5),
                         cpu)
@@ -427,4 +427,8 @@ def test_ffi_shim_assembles_views_and_constants():
     assert a[3][:2] == ((2, 3, 4, 5), (120, 20, 5, 1))
     assert a[4][:2] == ((2, 3, 4, 5), (120, 20, 5, 1))
     assert a[4][2] - a[3][2] == 3 * 4 * 5 * 4           # V = K + one half-page of float32
-    assert a[5][0] == (3, 5) and a[6] is None and a[7:] == [7, 2.5, True]
+    assert a[5][0] == (3, 5) and a[6] is None and a[7:10] == [7, 2.5, True]
+    # V of page 1 only: one page further and one half-page on from K's start
+    assert a[10][:2] == ((1, 3, 4, 5), (120, 20, 5, 1))
+    assert a[10][2] - a[3][2] == (2 * 60 + 60) * 4
+    assert a[11][:2] == ((3, 5), (5, 1))      # rows of input 0 cut to the published 3 rows
