@@ -357,8 +357,17 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
         plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
         return state, plan.token
 
+    def head_no_plan(state, kv):
+        state, ok = sj.allocate_decoding(state, seq_ids)
+        packed = sj.pack_for_flashinfer(state, seq_ids)
+        return state, packed
+
     res["jax_step_head_only"] = time_jax(jax.jit(head), (state0, kv0), 1, repeats=9)
-    log(f"  jax allocate+pack+plan only: {res['jax_step_head_only'] * 1e3:.3f} ms")
+    res["jax_step_head_no_plan"] = time_jax(jax.jit(head_no_plan), (state0, kv0), 1, repeats=9)
+    res["jax_empty_program"] = time_jax(jax.jit(lambda x: x + 1), (jnp.zeros(4),), 1, repeats=9)
+    log(f"  jax allocate+pack+plan only: {res['jax_step_head_only'] * 1e3:.3f} ms; without the "
+        f"plan {res['jax_step_head_no_plan'] * 1e3:.3f} ms; an empty program "
+        f"{res['jax_empty_program'] * 1e3:.3f} ms")
     # append alone, per layer call (marginal): JAX scatter vs FlashInfer's kernel over FFI
     packed0 = sj.pack_for_flashinfer(state0, seq_ids)
     for impl in ("scatter", "flashinfer"):
@@ -555,6 +564,26 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
         (torch.from_dlpack(op).float() - op_t.float()).abs().max())
     res["check_pod_decode_vs_torch_pod"] = float(
         (torch.from_dlpack(od).float() - od_t.float()).abs().max())
+    # POD timing cross-check: one jitted call at a time, then a full device synchronize
+    one_pod = jax.jit(lambda *a: attention.pod(cfg, *a, causal_p=True, backend="flashinfer"))
+    one_dec = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend="flashinfer"))
+    for name, f, a in (("pod", one_pod, (q_p, k_p, v_p, q_d, kv, packed_d)),
+                       ("decode", one_dec, (q_d, kv, packed_d))):
+        attention.BRIDGE = "callback"
+        jax.block_until_ready(f(*a))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            r = f(*a)
+        jax.block_until_ready(r)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        res[f"single_call_wall_{name}"] = (t1 - t0) / 10
+        res[f"single_call_extra_sync_{name}"] = t2 - t1
+        log(f"  one {name} per program: {(t1 - t0) / 10 * 1e6:.0f} us, then device sync "
+            f"{(t2 - t1) * 1e6:.0f} us more")
+    attention.BRIDGE = "auto"
     log(f"  checks: {res['check_pod_decode_vs_decode']:.2e} "
         f"{res['check_pod_prefill_vs_torch_pod']:.2e} {res['check_pod_decode_vs_torch_pod']:.2e}")
     sep = min(v for k, v in res.items() if k.endswith("_separate") and k.startswith("jax_"))

@@ -189,8 +189,6 @@ def _plan_callback(slot: PlanSlot):
             device = meta_t.device
             host = _split_meta(key, meta_t.cpu().numpy())   # waits for XLA's stream
             slot.provider.plan(slot, host)
-            if slot.on_plan is not None:
-                slot.on_plan(slot)
             # padding bookkeeping (host only; device index tensors only when padding exists)
             if key.kind in ("decode", "pod", "batch_pod") and \
                     not getattr(slot.provider, "zeroes_empty_requests", False):
@@ -210,6 +208,8 @@ def _plan_callback(slot: PlanSlot):
                     slot.append_rows = None
                     slot.append_rows_index = torch.from_numpy(
                         np.nonzero(valid)[0].astype(np.int64)).to(device)
+            if slot.on_plan is not None:      # FFI path: publish plan_info and the row count
+                slot.on_plan(slot)
             slot.num_plans += 1
             as_torch(token).fill_(slot.num_plans & 0x7FFFFFFF)
 
