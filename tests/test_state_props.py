@@ -22,7 +22,7 @@ import seqattn_jax as sj
 from seqattn_jax import state as st
 from tests.allocator_model import AllocatorModel
 
-P, PS, S, M, L, B, K = 12, 3, 5, 5, 2, 3, 3
+P, PS, S, M, L, B, K = 12, 3, 6, 5, 2, 3, 3
 CFG = sj.CacheConfig(num_pages=P, page_size=PS, num_kv_heads=1, head_dim=1, max_seqs=S,
                      max_pages_per_seq=M, num_layers=L, dtype="float32")
 MAX_NEW = 4
@@ -177,13 +177,18 @@ class AllocatorMachine(RuleBasedStateMachine):
         self._sync()
 
     def _draw_page(self, data, full_only=False):
-        """A model page id (bound to a JAX page), or a marker for an invalid / free JAX page."""
-        partial = self.model.partial_last_pages() if full_only else set()
-        bound = sorted((m, j) for m, j in self.bind.items() if m not in partial)
+        """A model page id (bound to a JAX page; a sequence's partly filled last page only now and
+        then when full_only), or a marker for an invalid / free JAX page, or padding."""
+        partial = self.model.partial_last_pages()
+        full = sorted((m, j) for m, j in self.bind.items() if m not in partial)
+        part = sorted((m, j) for m, j in self.bind.items() if m in partial)
         free = sorted(set(range(P)) - set(self.bind.values()))
-        kind = data.draw(hst.sampled_from(["page"] * 12 + ["bad", "free", "pad"]))
-        if kind == "page" and bound:
-            return data.draw(hst.sampled_from(bound))[0], None
+        kinds = ["full"] * 12 + ["partial"] * (1 if full_only else 4) + ["bad", "free", "pad"]
+        kind = data.draw(hst.sampled_from(kinds))
+        if kind == "full" and full:
+            return data.draw(hst.sampled_from(full))[0], None
+        if kind == "partial" and part:
+            return data.draw(hst.sampled_from(part))[0], None
         if kind == "free" and free:
             j = data.draw(hst.sampled_from(free))
             return ("free", j), j
@@ -216,8 +221,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         ids = self._draw_ids(data, False)
         rows, jrows = [], []
         for _ in range(B):
-            picks = [self._draw_page(data, full_only=data.draw(hst.integers(0, 4)) > 0)
-                     for _ in range(K)]
+            picks = [self._draw_page(data, full_only=True) for _ in range(K)]
             picks = [(m, j) if m is not None else (("bad", -1), -1) for m, j in picks]
             rows.append([m for m, _ in picks])
             jrows.append(self._jax_ids(picks))
@@ -249,7 +253,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert lens[slot] == (seq.length if seq else 0)
             assert list(table[slot, :n]) == [self.bind[m] for m in seq.pages] if seq else True
             assert (table[slot, n:] == -1).all()
-            in_tables[table[slot, :n]] += 1
+            np.add.at(in_tables, table[slot, :n], 1)  # a page may appear twice in one row
         ext = np.zeros(P, int)
         for mid, c in self.model.ext.items():
             ext[self.bind[mid]] = c
