@@ -564,6 +564,21 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
         (torch.from_dlpack(op).float() - op_t.float()).abs().max())
     res["check_pod_decode_vs_torch_pod"] = float(
         (torch.from_dlpack(od).float() - od_t.float()).abs().max())
+    # chained POD calls (the pattern the timing uses) against chained decode calls
+    attention.BRIDGE = "callback"
+    _, od5 = pod_build(5)(q_p, k_p, v_p, q_d, kv, packed_d)
+
+    def dec5(q, kv, p):
+        plan = attention.plan_decode(cfg, p, HQ, backend="flashinfer")
+        for _ in range(5):
+            q = attention.batch_decode(cfg, q, kv, p, plan=plan)
+        return q
+
+    od5_ref = jax.jit(dec5)(q_d, kv, packed_d)
+    res["check_pod_chain5_decode_vs_decode_chain5"] = float(
+        jnp.max(jnp.abs(od5.astype(jnp.float32) - od5_ref.astype(jnp.float32))))
+    log(f"  chained POD x5 vs chained decode x5: max |diff| = "
+        f"{res['check_pod_chain5_decode_vs_decode_chain5']:.2e}")
     # POD timing cross-check: one jitted call at a time, then a full device synchronize
     one_pod = jax.jit(lambda *a: attention.pod(cfg, *a, causal_p=True, backend="flashinfer"))
     one_dec = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend="flashinfer"))

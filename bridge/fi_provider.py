@@ -223,6 +223,21 @@ class FlashInferProvider:
 
     def pod(self, slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
             lse_p, lse_d, rp):
+        # FlashInfer 0.7.2's POD launcher resets its SM-scheduling counters with a synchronous
+        # cudaMemset on the legacy default stream (include/flashinfer/attention/pod.cuh), which
+        # is not ordered with a kernel on XLA's (non-blocking) stream: back-to-back POD calls then
+        # skipped work (measured on H200: 138 us per call for a 1 GB KV read, wrong outputs after
+        # the first call). So POD runs on the legacy default stream, fenced by events both ways.
+        xla = torch.cuda.current_stream()
+        legacy = torch.cuda.default_stream(xla.device)
+        legacy.wait_stream(xla)
+        with torch.cuda.stream(legacy):
+            self._pod(slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
+                      lse_p, lse_d, rp)
+        xla.wait_stream(legacy)
+
+    def _pod(self, slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
+             lse_p, lse_d, rp):
         key, st = slot.key, slot.state
         rs, rt = 1.0 / rp.rope_scale, 1.0 / rp.rope_theta
         st.pod.run_tensor(
