@@ -65,9 +65,10 @@ FLASHINFER_HEAD_DIMS = (64, 128, 256)
 # GQA group size from which "auto" picks the tensor-core decode kernel (benchmarks/README.md).
 TENSOR_CORE_MIN_GROUP = 4
 # append_kv's implementation under a FlashInfer plan when impl="auto" (benchmarks/README.md,
-# H200, 64 rows x 8 heads x 128 fp16): the JAX scatter (3.4 us per call, in place under donation)
-# beat FlashInfer's append kernel both as an XLA FFI call (8.1 us) and through a buffer_callback
-# (a Python callback per layer: +1.7 ms on a 32-layer step).
+# H200, 64 rows x 8 heads x 128 fp16): the JAX scatter (in place under donation) and FlashInfer's
+# append kernel as an XLA FFI call measured the same within noise in a 32-layer step (1.7 % apart);
+# through a buffer_callback FlashInfer's kernel costs a Python call per layer (+1.4 ms per step).
+# The scatter needs no plan and no condition on the rows, so it is the default.
 DEFAULT_APPEND_IMPL = {"callback": "scatter", "ffi": "scatter"}
 # How FlashInfer's decode / prefill runs enter XLA: "ffi" (an XLA FFI custom call through
 # jax-tvm-ffi and a small C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++
