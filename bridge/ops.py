@@ -26,6 +26,9 @@ the work split, writes the schedule into an int workspace on the GPU and returns
    XLA's stream), an 8 MiB int workspace and 8 MiB pinned host buffer per slot, all allocated once.
    Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace time.
 
+FFI path (bridge/ffi.py): slots with `PlanKey.ffi` also publish `plan_info` (and the batch's real
+row count) to the C++ shim at the end of the plan callback; the FFI runs read them by slot id.
+
 The kernel provider is pluggable: `flashinfer` (GPU) or `torch` (a small torch implementation,
 used by the CPU tests to exercise the exact same callback/plan/alias mechanics).
 

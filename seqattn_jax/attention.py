@@ -21,8 +21,14 @@ Signatures mirror `seqattn_jax.reference` exactly, plus three keyword arguments:
     benchmarks/README.md); group sizes the CUDA-core kernel is not compiled for (not in
     {1, 2, 3, 4, 6, 8, 16}) always take tensor cores.
 
-The FlashInfer backend runs inside `jax.jit` through `jax.experimental.buffer_callback`: XLA's
-buffers reach the kernels through DLPack with no copy, on XLA's stream (see `seqattn_jax.bridge`).
+The FlashInfer backend runs inside `jax.jit` with no copy of any buffer, on XLA's stream (see
+`seqattn_jax.bridge`). Each step's plan is one `jax.experimental.buffer_callback` (the only Python
+and the only device->host read of the step). Decode and prefill runs are XLA FFI custom calls
+(`BRIDGE="ffi"`, through the `jax-tvm-ffi` package and a small C++ shim: no Python per layer) or
+buffer_callbacks (`BRIDGE="callback"`: torch views of XLA's buffers through DLPack, ~25 us of
+Python per call); POD, batch POD and FlashInfer's append run as buffer_callbacks. `BRIDGE="auto"`
+(default, or the SEQATTN_JAX_BRIDGE environment variable) takes FFI when `jax_tvm_ffi` imports and
+the shim builds. Both bridges are checked against the reference in tests/test_flashinfer_gpu.py.
 Unsupported configurations (auto falls back to the reference for these; backend="flashinfer"
 raises ValueError): pool dtype float32; q dtype other than the pool's (fp16/bf16 pools) or other
 than fp16/bf16 (fp8 pools); head_dim not in {64, 128, 256}; a traced sm_scale / rope_scale /
