@@ -9,7 +9,9 @@ printed side by side; results go to benchmarks/results/alloc_pack_<device>.json.
     pip install --no-deps seqattn==0.0.2 attrs       # the baseline (it imports flashinfer and torch)
 
 Timing: `latency` blocks on every step's result (a step's cost when something waits for it);
-`pipelined` issues `--steps` steps back to back and blocks once (how a decode loop runs them).
+`pipelined` issues `--steps` steps back to back and blocks once (how a decode loop runs them);
+`in-program` chains steps inside one jitted `lax.scan` and takes the marginal cost per step (what the
+step adds to a jitted decode program, without Python's per-dispatch cost).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import seqattn_jax as sj
 
 
 def bench_seqattn_jax(num_seqs, pages_per_seq, page_size, steps, warmup):
-    max_pages = pages_per_seq + steps // page_size + 4
+    max_pages = pages_per_seq + (2 * steps + warmup + 16 * (8 + max(steps // 4, 8))) // page_size + 4
     cfg = sj.CacheConfig(num_pages=num_seqs * max_pages, page_size=page_size, num_kv_heads=1,
                          head_dim=8, max_seqs=num_seqs, max_pages_per_seq=max_pages)
     ids = jnp.arange(num_seqs, dtype=jnp.int32)
@@ -60,8 +62,65 @@ def bench_seqattn_jax(num_seqs, pages_per_seq, page_size, steps, warmup):
         state, ok, packed = step(state, ids)
     jax.block_until_ready((state, packed))
     pipelined = (time.perf_counter() - t0) / steps
+
+    # In-program: n steps chained in one jitted lax.scan; (T(n2) - T(n1)) / (n2 - n1) is the
+    # step's own device cost, without the fixed cost of dispatching a program from Python.
+    def inner(st, _):
+        st, ok = sj.allocate_decoding(st, ids)
+        packed = sj.pack_for_flashinfer(st, ids)
+        return st, (ok.all(), packed.kv_page_indptr[-1], packed.kv_page_indices[-1],
+                    packed.token_pages[-1])
+
+    def timed(n):
+        f = jax.jit(lambda st: jax.lax.scan(inner, st, None, length=n), donate_argnums=0)
+        st = state
+        st, _ = f(st)  # compile + warm
+        jax.block_until_ready(st)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            st, out = f(st)
+            jax.block_until_ready((st, out))
+            best = min(best, time.perf_counter() - t0)
+        assert bool(out[0].all())
+        return best, st
+
+    n1, n2 = 8, 8 + max(steps // 4, 8)
+    t1, state = timed(n1)
+    t2, state = timed(n2)
+    marginal = (t2 - t1) / (n2 - n1)
     return {"latency_us": statistics.median(lat) * 1e6, "pipelined_us": pipelined * 1e6,
-            "total_pages": total_pages}
+            "in_program_us": marginal * 1e6, "total_pages": total_pages}
+
+
+def bench_primitives(num_seqs, pages_per_seq, page_size, steps, warmup):
+    """Time the candidate implementations of the allocator's building blocks on this device, at
+    this benchmark's sizes (the choices in seqattn_jax/state.py rest on these numbers)."""
+    from seqattn_jax import state as st  # noqa: PLC0415
+
+    P = num_seqs * (pages_per_seq + 20)
+    rc = jnp.zeros(P, jnp.int32).at[: num_seqs * pages_per_seq].set(1)
+    x = jnp.ones(num_seqs, jnp.int32)
+    cands = {
+        "first_free_nonzero": (lambda r: st._first_free_nonzero(r, num_seqs), rc),
+        "first_free_top_k": (lambda r: st._first_free_top_k(r, num_seqs), rc),
+        "cumsum_jnp": (lambda v: jnp.cumsum(v), x),
+        "cumsum_masked_sum": (st._cumsum_masked, x),
+    }
+    out = {}
+    for name, (f, arg) in cands.items():
+        # Each iteration rolls its input, so XLA cannot hoist the call out of the loop; the roll
+        # costs every candidate the same.
+        g = jax.jit(lambda a, f=f: jax.lax.scan(lambda c, _: (jnp.roll(c, 1), f(c)), a, None,
+                                                length=64)[1])
+        jax.block_until_ready(g(arg))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(arg))
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best / 64 * 1e6
+    return out
 
 
 def bench_seqattn(num_seqs, pages_per_seq, page_size, steps, warmup):
@@ -100,6 +159,7 @@ def main():
     dev = jax.devices()[0]
     device = getattr(dev, "device_kind", dev.platform)
     shape = (args.num_seqs, args.pages_per_seq, args.page_size, args.steps, args.warmup)
+    prims = bench_primitives(*shape)
     rows = {"seqattn_jax": bench_seqattn_jax(*shape)}
     try:
         rows["seqattn 0.0.2 (host loops)"] = bench_seqattn(*shape)
@@ -107,10 +167,14 @@ def main():
         print(f"seqattn baseline not run ({e}); install it with: pip install --no-deps seqattn==0.0.2 attrs")
     print(f"\nallocate_decoding + pack_for_flashinfer, {args.num_seqs} sequences x ~{args.pages_per_seq} "
           f"pages of {args.page_size}; JAX device: {device}; host CPUs: {os.cpu_count()}")
-    print(f"{'implementation':<30}{'latency/step':>16}{'pipelined/step':>16}{'pages packed':>14}")
+    print(f"{'implementation':<30}{'latency/step':>16}{'pipelined/step':>16}{'in-program/step':>17}"
+          f"{'pages packed':>14}")
     for name, r in rows.items():
         pipe = f"{r['pipelined_us']:.1f} us" if "pipelined_us" in r else "-"
-        print(f"{name:<30}{r['latency_us']:>13.1f} us{pipe:>16}{r['total_pages']:>14}")
+        inprog = f"{r['in_program_us']:.1f} us" if "in_program_us" in r else "-"
+        print(f"{name:<30}{r['latency_us']:>13.1f} us{pipe:>16}{inprog:>17}{r['total_pages']:>14}")
+    print("building blocks, per call inside one program: "
+          + ", ".join(f"{k} {v:.1f} us" for k, v in prims.items()))
     if len(rows) == 2:
         a, b = rows["seqattn_jax"], rows["seqattn 0.0.2 (host loops)"]
         print(f"speed-up (latency): {b['latency_us'] / a['latency_us']:.1f}x")
@@ -118,7 +182,7 @@ def main():
                        f"alloc_pack_{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "jax": jax.__version__, "args": vars(args),
-                               "results": rows}, indent=2))
+                               "results": rows, "primitives_us": prims}, indent=2))
     print(f"wrote {out}")
 
 

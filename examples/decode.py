@@ -297,7 +297,7 @@ class Engine:
             packed = sa.pack_for_flashinfer(state, seq_ids)
             model = nnx.merge(graphdef, params)
             hidden, kv = model.paged(tokens, packed, kv, mode="decode")
-            # The host packs the valid requests first, so token row b is request b.
+            # A decode batch has row b = request b (padding rows output 0 and are not written).
             tok, top = sample(model, hidden)
             return tok, top, kv, state, ok
 

@@ -26,8 +26,9 @@ ever materialised. With the pool donated there is no copy of the cache per step
 
 Row layout: q, k, v are `[T, heads, head_dim]` with T = `packed.num_token_rows`; request b's rows
 are `packed.qo_indptr[b] : packed.qo_indptr[b + 1]` (the order in which `pack_for_flashinfer` lays
-out the step's new tokens) and rows past `qo_indptr[B]` are padding: not written, output 0. The
-model applies RoPE itself at `packed.positions` before calling the layer.
+out the step's new tokens) and rows past `qo_indptr[B]` are padding: not written, output 0. A decode
+batch (`pack_for_flashinfer(state, seq_ids)`) has row b = request b; a padding request's row is not
+written and outputs 0. The model applies RoPE itself at `packed.positions` before calling the layer.
 
 Backends: the ops of `seqattn_jax.attention` with `backend="auto"` (FlashInfer on a CUDA GPU where it
 imports and can run the configuration, else the pure-JAX reference), "reference" or "flashinfer".
@@ -129,17 +130,12 @@ def paged_attention(config: CacheConfig, q, k, v, kv, packed: PackedBatch, *, la
                 window_left=window_left, backend=backend, plan=plan)
     if mode == "prefill":
         return attention.batch_prefill(config, q, kv, packed, causal=True, **opts), kv
-    # Decode: the kernel wants q row b = request b, while the step's rows follow qo_indptr (a padding
-    # request in the middle shifts the later rows up). Gather one row per request and scatter the
-    # outputs back: [B, Hq, D] gathers, negligible next to attention (identity when the valid
-    # requests come first, as a scheduler usually packs them).
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    t, b = packed.num_token_rows, packed.batch_size
-    first = jnp.clip(packed.qo_indptr[:-1], 0, t - 1)
-    out_req = attention.batch_decode(config, q[first], kv, packed, decode_kernel=decode_kernel, **opts)
-    req = packed.batch_indices
-    out = jnp.where((req >= 0)[:, None, None], out_req[jnp.clip(req, 0, b - 1)], 0)
+    # Decode: `pack_for_flashinfer(state, seq_ids)` lays row b = request b, as the kernel's q[B].
+    if packed.num_token_rows != packed.batch_size:
+        raise ValueError(f"paged_attention: mode='decode' needs one row per request "
+                         f"(pack_for_flashinfer with new_lens=None), got {packed.num_token_rows} rows "
+                         f"for {packed.batch_size} requests")
+    out = attention.batch_decode(config, q, kv, packed, decode_kernel=decode_kernel, **opts)
     return out.astype(q.dtype), kv
 
 

@@ -10,8 +10,10 @@ Conventions (FlashInfer's, see ../shared/notes/flashinfer.md):
   * `seq_lens` are lengths AFTER this step's tokens (allocate first, then pack): the tokens appended
     this step sit at positions `seq_lens[b] - new_lens[b] + j`.
   * query/new-token rows of request b are `qo_indptr[b] : qo_indptr[b+1]` of a `[T, ...]` array;
-    rows past `qo_indptr[B]` are padding.
-  * padding requests (seq_id < 0) hold no pages, `kv_last_page_len == 0`, `seq_lens == 0`, no rows.
+    rows past `qo_indptr[B]` are padding. A decode batch (`new_lens=None`) has one row per request,
+    row b = request b (`qo_indptr = arange(B + 1)`), padding requests included (their row is unused).
+  * padding requests (seq_id < 0) hold no pages, `kv_last_page_len == 0`, `seq_lens == 0`, and no
+    rows (a prefill batch) or an unused row (a decode batch).
 """
 
 from __future__ import annotations
@@ -77,15 +79,16 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
       state: a `CacheState` whose `seq_lens` already count this step's tokens (allocate first).
       seq_ids: int32 [B] slots; ids < 0, ids >= max_seqs and inactive slots are padding requests
         (no pages, no token rows: attention outputs 0 for them).
-      new_lens: int32 [B] tokens appended this step per request (the queries of a prefill chunk);
-        None means one per valid request (a decode step). Values are clipped to `[0, seq_len]`.
+      new_lens: int32 [B] tokens appended this step per request (the queries of a prefill chunk),
+        laid out back to back in request order; values are clipped to `[0, seq_len]`. None means a
+        decode step: one token per valid request, in row b for request b.
       max_tokens: static T, the number of token rows (the leading dim of the step's q/k/v). Defaults
         to B when `new_lens` is None; required otherwise. Tokens past row T are not packed: keep
         `sum(new_lens) <= max_tokens` (`seqattn_jax.checked.pack_for_flashinfer` raises otherwise).
     Returns:
       A `PackedBatch` with shapes fixed by B, T and the config.
     """
-    from seqattn_jax.state import _as_ids, _check_state  # noqa: PLC0415 - state imports us lazily too
+    from seqattn_jax.state import _as_ids, _check_state, cumsum  # noqa: PLC0415 - avoids an import cycle
 
     state = _check_state(state)
     cfg = state.config
@@ -112,7 +115,7 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
     lens = jnp.where(valid, state.seq_lens.at[slot].get(mode="fill", fill_value=0), 0)
     npages = cfg.pages_for(lens)
     zero = jnp.zeros((1,), jnp.int32)
-    kv_indptr = jnp.concatenate([zero, jnp.cumsum(npages, dtype=jnp.int32)])
+    kv_indptr = jnp.concatenate([zero, cumsum(npages)])
     last_len = jnp.where(npages > 0, lens - (npages - 1) * ps, 0)
 
     # kv_page_indices: row b's first npages[b] page-table entries, laid end to end (one scatter).
@@ -121,15 +124,20 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
     dest = jnp.where(j < npages[:, None], kv_indptr[:-1, None] + j, B * M)
     kv_indices = jnp.zeros((B * M,), jnp.int32).at[dest].set(rows, mode="drop")
 
-    new = jnp.ones_like(lens) if new_lens is None else new_lens
-    new = jnp.where(valid, jnp.clip(new, 0, lens), 0)
-    qo_indptr = jnp.concatenate([zero, jnp.cumsum(new, dtype=jnp.int32)])
-
-    # Token row t belongs to request b = #{requests whose rows end at or before t}.
     t = jnp.arange(T, dtype=jnp.int32)
-    ends = jnp.zeros((T + 1,), jnp.int32).at[qo_indptr[1:]].add(1, mode="drop")
-    b = jnp.minimum(jnp.cumsum(ends)[:T], B - 1)
-    row_ok = t < qo_indptr[B]
+    if new_lens is None:
+        # Decode: row b is request b's query (padding requests keep their row, unused), so a model
+        # that computes q/k/v per slot lines up with the kernel's q[B] without any gather.
+        new = valid.astype(jnp.int32)
+        qo_indptr = jnp.minimum(jnp.arange(B + 1, dtype=jnp.int32), T)
+        b = jnp.minimum(t, B - 1)
+        row_ok = (t < B) & valid[b]
+    else:
+        new = jnp.where(valid, jnp.clip(new_lens, 0, lens), 0)
+        qo_indptr = jnp.concatenate([zero, cumsum(new)])
+        # Token row t belongs to request b = #{requests whose rows end at or before t}.
+        b = jnp.minimum(jnp.sum(qo_indptr[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32), B - 1)
+        row_ok = t < qo_indptr[B]
     pos = lens[b] - new[b] + (t - qo_indptr[b])
     page = rows[b, jnp.clip(pos // ps, 0, M - 1)]
     neg = jnp.int32(-1)

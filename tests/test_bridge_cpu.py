@@ -278,12 +278,12 @@ def test_one_plan_serves_every_layer_loop_and_scan(torch_backend):
     for step in (loop_step, scan_step):
         jitted = jax.jit(step)
         jitted(q, kv, packed)[0].block_until_ready()   # compile + one run
-        key = next(k for k in ops._slots if k.provider == "torch" and k.kind == "decode"
-                   and k.batch_size == 4 and k.num_qo_heads == 4)
-        before = ops.get_slot(key).num_plans
+        # Count plans over every slot: other tests may have made slots of the same batch size.
+        before = sum(ops.get_slot(k).num_plans for k in list(ops._slots))
         out = jitted(q, kv, packed)
         out.block_until_ready()
-        assert ops.get_slot(key).num_plans == before + 1, "one plan per step"
+        assert sum(ops.get_slot(k).num_plans for k in list(ops._slots)) == before + 1, \
+            "one plan per step"
         close(out, ref)
         hlo = jitted.lower(q, kv, packed).as_text()
         assert "pure_callback" not in hlo and "io_callback" not in hlo

@@ -43,7 +43,13 @@ def numpy_pack(state, seq_ids, new_lens, T):
         indptr.append(len(indices))
         lpl.append(n - (npg - 1) * cfg.page_size if npg else 0)
         lens.append(n)
-        new = (1 if new_lens is None else min(new_lens[b], n)) if ok else 0
+        if new_lens is None:  # decode: row b is request b's, a padding request's row unused
+            qo.append(b + 1)
+            pos = n - 1
+            rows.append((b, pos, table[s, pos // cfg.page_size], pos % cfg.page_size) if ok
+                        else (-1, -1, -1, -1))
+            continue
+        new = min(new_lens[b], n) if ok else 0
         qo.append(qo[-1] + new)
         for j in range(new):
             pos = n - new + j
