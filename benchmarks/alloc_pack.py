@@ -101,11 +101,15 @@ def bench_primitives(num_seqs, pages_per_seq, page_size, steps, warmup):
     P = num_seqs * (pages_per_seq + 20)
     rc = jnp.zeros(P, jnp.int32).at[: num_seqs * pages_per_seq].set(1)
     x = jnp.ones(num_seqs, jnp.int32)
+    score = P - jnp.arange(P, dtype=jnp.int32)
     cands = {
-        "first_free_nonzero": (lambda r: st._first_free_nonzero(r, num_seqs), rc),
-        "first_free_top_k": (lambda r: st._first_free_top_k(r, num_seqs), rc),
+        # what seqattn_jax/state.py uses, and the alternatives it was measured against
+        "first_free_nonzero": (lambda r: st._take_first_free(r, num_seqs), rc),
+        "first_free_top_k": (lambda r: jax.lax.top_k(jnp.where(r == 0, score, 0), num_seqs)[1], rc),
         "cumsum_jnp": (lambda v: jnp.cumsum(v), x),
-        "cumsum_masked_sum": (st._cumsum_masked, x),
+        "cumsum_masked_sum": (lambda v: jnp.sum(jnp.where(
+            jnp.arange(v.shape[0])[None, :] <= jnp.arange(v.shape[0])[:, None], v[None, :], 0),
+            axis=1), x),
     }
     out = {}
     for name, (f, arg) in cands.items():

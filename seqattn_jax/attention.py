@@ -291,10 +291,19 @@ def _q_dtype_name(config: CacheConfig, q_dtype) -> str:
     return config.dtype if config.dtype in ("float16", "bfloat16", "float32") else "float16"
 
 
+def _valid_rows_first(batch_indices):
+    """Row order putting the real token rows first (stable). A decode batch has row b = request b,
+    so a padding request in the middle leaves a hole; FlashInfer's append takes the real rows as a
+    prefix. The decode plan and `append_kv` apply the same order, so they agree on the rows."""
+    return jnp.argsort(batch_indices < 0, stable=True)
+
+
 def _meta_arrays_decode(packed: PackedBatch, b: int):
     bi = packed.batch_indices
     if bi.shape[0] != b:  # decode meta carries one row per request
         bi = jnp.full((b,), -1, jnp.int32)
+    else:
+        bi = bi[_valid_rows_first(bi)]
     return (packed.kv_page_indptr, packed.kv_last_page_len, bi)
 
 
@@ -670,7 +679,7 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     impl: "scatter" (the JAX scatter of `seqattn_jax.kv`, any backend), "flashinfer"
     (FlashInfer's append kernel, as an XLA FFI call or a buffer_callback like the plan's runs,
     its output aliasing the pool; needs a FlashInfer `plan` of this batch: decode, prefill or
-    pod, whose real token rows are a prefix of the rows, as `pack_for_flashinfer` makes them), or
+    pod; a decode batch's rows are reordered real-rows-first, as its plan saw them), or
     "auto" (`DEFAULT_APPEND_IMPL` when a FlashInfer plan is given, else the scatter).
     """
     from seqattn_jax import kv as kv_mod  # noqa: PLC0415
@@ -703,13 +712,16 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     if packed.num_token_rows != (key.num_rows if key.kind == "prefill" else key.batch_size):
         raise ValueError("append_kv: packed does not match the plan's batch")
     keys, values = keys.astype(kv.dtype), values.astype(kv.dtype)
+    batch_indices, positions = packed.batch_indices, packed.positions
+    if key.kind in ("decode", "pod"):  # the plan saw the rows in this order (_meta_arrays_decode)
+        order = _valid_rows_first(batch_indices)
+        keys, values, batch_indices, positions = (x[order] for x in (keys, values, batch_indices,
+                                                                      positions))
     if key.ffi:
         indices, pages = _ffi_layer(config, packed, layer)
-        return bridge_module("ffi").append(key, plan.token, kv, keys, values,
-                                           packed.batch_indices, packed.positions,
-                                           packed.kv_page_indptr, indices,
+        return bridge_module("ffi").append(key, plan.token, kv, keys, values, batch_indices,
+                                           positions, packed.kv_page_indptr, indices,
                                            packed.kv_last_page_len, pages=pages)
-    return bridge_module("ops").append(key, plan.token, kv, keys, values, packed.batch_indices,
-                                       packed.positions, packed.kv_page_indptr,
-                                       _layer_indices(config, packed, layer),
+    return bridge_module("ops").append(key, plan.token, kv, keys, values, batch_indices, positions,
+                                       packed.kv_page_indptr, _layer_indices(config, packed, layer),
                                        packed.kv_last_page_len)
