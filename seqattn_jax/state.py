@@ -175,11 +175,21 @@ def _ok(status: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- allocation
 
 
+def _page_budget(state: CacheState, pre: jax.Array, num_new: jax.Array):
+    """Final statuses given the checks so far (`pre`) and the fresh pages each request needs:
+    requests that passed get pages in request order, and those whose running total exceeds the
+    free pages fail with OUT_OF_PAGES. Returns (status [B], num_new [B], apply: all OK)."""
+    num_new = jnp.where(pre == Status.OK, num_new, 0).astype(_I32)
+    oop = (num_new > 0) & (cumsum(num_new) > state.num_free_pages)
+    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
+    return status, num_new, jnp.all(status == Status.OK)
+
+
 def _grant_pages(state: CacheState, slot, first_page, num_new, apply, max_new: int):
     """Give request i `num_new[i]` fresh pages at page-table columns `first_page[i] + j`.
 
     Free pages are handed out in order of request (a cumulative sum), so the grant is one scatter over
-    a [B, max_new] grid, with no loop. Returns (page_table, refcount, out_of_pages[B], pages[B, max_new]).
+    a [B, max_new] grid, with no loop.
     The state arrays change only where `apply` (a scalar) is True.
     """
     cfg = state.config
@@ -216,11 +226,7 @@ def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new:
         (is_req & ~active if need_active else jnp.zeros_like(is_req), Status.INACTIVE),
         (is_req & too_long, Status.TOO_LONG),
     )
-    num_new = jnp.where(pre == Status.OK, num_new, 0)
-    ends = cumsum(num_new)
-    oop = (num_new > 0) & (ends > state.num_free_pages)
-    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
-    apply = jnp.all(status == Status.OK)
+    status, num_new, apply = _page_budget(state, pre, num_new)
     page_table, refcount, _ = _grant_pages(state, slot, held, num_new, apply, max_new)
     upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
     new_state = state._replace(
@@ -347,10 +353,7 @@ def truncate_status(state: CacheState, seq_ids, new_lens):
         (is_req & ~active, Status.INACTIVE),
         (is_req & ((new_lens < 0) | (new_lens > old_len)), Status.BAD_LENGTH),
     )
-    num_new = jnp.where((pre == Status.OK) & cow, 1, 0).astype(_I32)
-    oop = (num_new > 0) & (cumsum(num_new) > state.num_free_pages)
-    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
-    apply = jnp.all(status == Status.OK)
+    status, num_new, apply = _page_budget(state, pre, cow.astype(_I32))
     # Drop the pages past the new end; a copied last page is dropped too and re-granted below.
     drop_from = jnp.where(num_new > 0, keep - 1, keep)
     page_table, refcount = _drop_pages(state, slot, drop_from, apply)
@@ -403,10 +406,7 @@ def fork_status(state: CacheState, src_ids, dst_ids):
         (is_req & ~s_active, Status.INACTIVE),
         (is_req & d_active, Status.ACTIVE),
     )
-    num_new = jnp.where((pre == Status.OK) & partial, 1, 0).astype(_I32)
-    oop = (num_new > 0) & (cumsum(num_new) > state.num_free_pages)
-    status = jnp.where(pre != Status.OK, pre, jnp.where(oop, _I32(Status.OUT_OF_PAGES), 0))
-    apply = jnp.all(status == Status.OK)
+    status, num_new, apply = _page_budget(state, pre, partial.astype(_I32))
     ok_req = apply & is_req
     # Full pages are shared: dst's row points at them and each gains a reference.
     src_rows = state.page_table.at[s_slot].get(mode="fill", fill_value=-1)

@@ -151,12 +151,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         bound_before = dict(self.bind)
         want, model_copies = self.model.truncate(ids, lens)
         self.state, status, copies = _truncate(self.state, jnp.array(ids), jnp.array(lens))
-        self._check_status(status, want)
-        self._sync()
-        self.bind.update({m: j for m, j in bound_before.items() if m not in self.bind})
-        self._check_copies(ids, copies, model_copies)
-        self.kv = _copy(self.kv, copies)
-        self._sync()
+        self._apply_copies(status, want, ids, copies, model_copies, bound_before)
 
     @rule(data=hst.data())
     def fork(self, data):
@@ -169,10 +164,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         bound_before = dict(self.bind)
         want, model_copies = self.model.fork(src, dst)
         self.state, status, copies = _fork(self.state, jnp.array(src), jnp.array(dst))
+        self._apply_copies(status, want, dst, copies, model_copies, bound_before)
+
+    def _apply_copies(self, status, want, ids, copies, model_copies, bound_before):
+        """Check statuses and the copy-on-write list, then copy the pages in the pool. A shared page
+        freed by this very call keeps its binding until the copies are checked."""
         self._check_status(status, want)
         self._sync()
         self.bind.update({m: j for m, j in bound_before.items() if m not in self.bind})
-        self._check_copies(dst, copies, model_copies)
+        self._check_copies(ids, copies, model_copies)
         self.kv = _copy(self.kv, copies)
         self._sync()
 
