@@ -103,9 +103,10 @@ def bench_primitives(num_seqs, pages_per_seq, page_size, steps, warmup):
     x = jnp.ones(num_seqs, jnp.int32)
     score = P - jnp.arange(P, dtype=jnp.int32)
     cands = {
-        # what seqattn_jax/state.py uses, and the alternatives it was measured against
-        "first_free_nonzero": (lambda r: st._take_first_free(r, num_seqs), rc),
+        # finding free pages by scanning the pool (what the allocator did before its free stack)
+        "first_free_nonzero": (lambda r: jnp.nonzero(r == 0, size=num_seqs, fill_value=P)[0], rc),
         "first_free_top_k": (lambda r: jax.lax.top_k(jnp.where(r == 0, score, 0), num_seqs)[1], rc),
+        # the per-request running totals
         "cumsum_jnp": (lambda v: jnp.cumsum(v), x),
         "cumsum_masked_sum": (lambda v: jnp.sum(jnp.where(
             jnp.arange(v.shape[0])[None, :] <= jnp.arange(v.shape[0])[:, None], v[None, :], 0),

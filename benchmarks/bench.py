@@ -24,7 +24,6 @@ graph replays. All on one GPU in one process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -131,13 +130,8 @@ def make_decode_problem(bs, ctx, num_layers=1, extra_tokens=0, seed=0, prefill=0
         k = -(-n // PS)
         table[i, :k] = perm[cur:cur + k]
         cur += k
-    refcount = np.zeros(num_pages, np.int32)
-    refcount[table[table >= 0]] = 1
-    state = sj.init_state(cfg)
-    state = dataclasses.replace(state, refcount=jnp.asarray(refcount),
-                                page_table=jnp.asarray(table),
-                                seq_lens=jnp.asarray(lens, jnp.int32),
-                                active=jnp.ones((nseq,), bool))
+    state = sj.state_from_page_table(cfg, table, np.asarray(lens, np.int32),
+                                     active=np.ones((nseq,), bool))
     key = jax.random.PRNGKey(seed)
     kv = (jax.random.normal(key, cfg.kv_shape, jnp.float32) * 0.5).astype(cfg.jnp_dtype)
     return cfg, state, kv

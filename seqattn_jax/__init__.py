@@ -36,6 +36,7 @@ from seqattn_jax.state import (
     ref,
     release,
     share_prefix,
+    state_from_page_table,
     truncate,
     unref,
 )
@@ -45,7 +46,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheConfig", "CacheState", "HeadIDGenerator", "PackedBatch", "Status", "allocate",
     "allocate_decoding", "append_kv", "copy_pages", "fork", "head_ids", "init_kv", "init_state",
-    "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "truncate", "unref",
+    "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "state_from_page_table",
+    "truncate", "unref",
 ]
 __all__ += ["AttentionPlan", "batch_decode", "batch_pod", "batch_prefill", "plan_batch_pod",
             "plan_decode", "plan_pod", "plan_prefill", "pod"]

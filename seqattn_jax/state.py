@@ -6,7 +6,8 @@ over the batch with fixed shapes, so it runs inside `jax.jit` and compiles once 
 
 Semantics every operation keeps (checked by tests/test_state_props.py against a plain-Python model):
   * `refcount[p]` = (page-table entries that name p) + (external references taken with `ref`).
-    Free pages have refcount 0 and appear in no page table.
+    Free pages have refcount 0, appear in no page table, and are exactly `free_pages[:num_free]`
+    (a stack: grants pop from it, frees push to it, so no op scans the pool for free pages).
   * A slot's pages are `page_table[s, :pages_for(seq_lens[s])]`; the rest of the row is -1.
     Inactive slots hold nothing (`seq_lens == 0`, row all -1).
   * A partly filled last page is never shared (refcount 1): `fork` copies it and `truncate` copies a
@@ -74,6 +75,10 @@ class CacheState:
       page_table: [max_seqs, max_pages_per_seq] page ids of each slot, -1 where unused.
       seq_lens: [max_seqs] tokens held by each slot.
       active: bool [max_seqs] whether the slot holds a sequence.
+      free_pages: [num_pages] a stack: `free_pages[:num_free]` are the free pages (refcount 0),
+        each once; the rest is stale. Ops pop fresh pages from its top and push freed ones, so
+        no op scans the whole pool to find free pages.
+      num_free: int32 scalar, the stack's height.
       config: the static `CacheConfig` (pytree metadata, not a leaf).
     """
 
@@ -81,12 +86,14 @@ class CacheState:
     page_table: jax.Array
     seq_lens: jax.Array
     active: jax.Array
+    free_pages: jax.Array
+    num_free: jax.Array
     config: CacheConfig = dataclasses.field(metadata=dict(static=True))
 
     @property
     def num_free_pages(self) -> jax.Array:
         """int32 scalar: pages with refcount 0."""
-        return jnp.sum(self.refcount == 0, dtype=_I32)
+        return self.num_free
 
     @property
     def pages_held(self) -> jax.Array:
@@ -101,13 +108,37 @@ def init_state(config: CacheConfig) -> CacheState:
     """An empty cache: every page free, every slot inactive."""
     if not isinstance(config, CacheConfig):
         raise ValueError(f"init_state: config must be a CacheConfig, got {type(config).__name__}")
-    return CacheState(
-        refcount=jnp.zeros((config.num_pages,), _I32),
-        page_table=jnp.full((config.max_seqs, config.max_pages_per_seq), -1, _I32),
-        seq_lens=jnp.zeros((config.max_seqs,), _I32),
-        active=jnp.zeros((config.max_seqs,), bool),
-        config=config,
-    )
+    return state_from_page_table(config, jnp.full((config.max_seqs, config.max_pages_per_seq), -1, _I32),
+                                 jnp.zeros((config.max_seqs,), _I32))
+
+
+def state_from_page_table(config: CacheConfig, page_table, seq_lens, active=None) -> CacheState:
+    """A consistent state from page tables and lengths (a restored checkpoint, a benchmark set-up).
+
+    Args:
+      page_table: int32 [max_seqs, max_pages_per_seq]; slot s holds `page_table[s, :pages_for(len)]`
+        (the rest is ignored and stored as -1). A page listed k times gets refcount k.
+      seq_lens: int32 [max_seqs]. active: bool [max_seqs], default `seq_lens > 0`.
+    No external references (`ref`) are recorded. Jittable; the caller keeps the tables valid.
+    """
+    if not isinstance(config, CacheConfig):
+        raise ValueError(f"config must be a CacheConfig, got {type(config).__name__}")
+    P, (S, M) = config.num_pages, (config.max_seqs, config.max_pages_per_seq)
+    page_table = jnp.asarray(page_table, _I32)
+    seq_lens = jnp.asarray(seq_lens, _I32)
+    if page_table.shape != (S, M) or seq_lens.shape != (S,):
+        raise ValueError(f"page_table must be [{S}, {M}] and seq_lens [{S}], got {page_table.shape} "
+                         f"and {seq_lens.shape}")
+    active = seq_lens > 0 if active is None else jnp.asarray(active, bool)
+    held = jnp.arange(M, dtype=_I32)[None, :] < config.pages_for(jnp.where(active, seq_lens, 0))[:, None]
+    page_table = jnp.where(held, page_table, -1)
+    refcount = jnp.zeros((P,), _I32).at[jnp.where(held, page_table, P)].add(1, mode="drop")
+    # Lowest page ids on top of the stack, so a new cache hands out pages 0, 1, 2, ...
+    free = jnp.nonzero(refcount == 0, size=P, fill_value=P)[0].astype(_I32)
+    num_free = jnp.sum(refcount == 0, dtype=_I32)
+    stack = jnp.where(jnp.arange(P) < num_free, free[jnp.clip(num_free - 1 - jnp.arange(P), 0, P - 1)], 0)
+    return CacheState(refcount=refcount, page_table=page_table, seq_lens=jnp.where(active, seq_lens, 0),
+                      active=active, free_pages=stack.astype(_I32), num_free=num_free, config=config)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -153,14 +184,18 @@ def _slot_checks(state: CacheState, ids: jax.Array):
     return is_request, in_range, duplicate, slot
 
 
-def _take_first_free(refcount: jax.Array, count: int) -> jax.Array:
-    """int32 [count]: the lowest-numbered free pages (fill value num_pages when fewer are free).
-
-    `jnp.nonzero` runs a cumulative sum over the pool: measured 38 us at 24k pages on an H200 and
-    168 us on a 2-core CPU; `lax.top_k` was slower on both (61 us, 2.3 ms; benchmarks/alloc_pack.py).
-    """
-    P = refcount.shape[0]
-    return jnp.nonzero(refcount == 0, size=min(count, P), fill_value=P)[0].astype(_I32)
+def _push_freed(state: CacheState, old_refcount: jax.Array, cand: jax.Array) -> CacheState:
+    """Push onto the free stack every page of `cand` (int32 [N], num_pages = none) that this op
+    brought from refcount > 0 to 0. A page listed several times is pushed once (its first entry)."""
+    P = state.config.num_pages
+    n = cand.shape[0]
+    i = jnp.arange(n, dtype=_I32)
+    first = jnp.full((P,), n, _I32).at[cand].min(i, mode="drop").at[cand].get(mode="fill", fill_value=-1)
+    freed = (first == i) & (state.refcount.at[cand].get(mode="fill", fill_value=1) == 0) & (
+        old_refcount.at[cand].get(mode="fill", fill_value=0) > 0)
+    pos = state.num_free + cumsum(freed) - 1
+    return state._replace(free_pages=state.free_pages.at[jnp.where(freed, pos, P)].set(cand, mode="drop"),
+                          num_free=state.num_free + jnp.sum(freed, dtype=_I32))
 
 
 def cumsum(x: jax.Array) -> jax.Array:
@@ -188,25 +223,24 @@ def _page_budget(state: CacheState, pre: jax.Array, num_new: jax.Array):
 def _grant_pages(state: CacheState, slot, first_page, num_new, apply, max_new: int):
     """Give request i `num_new[i]` fresh pages at page-table columns `first_page[i] + j`.
 
-    Free pages are handed out in order of request (a cumulative sum), so the grant is one scatter over
-    a [B, max_new] grid, with no loop.
-    The state arrays change only where `apply` (a scalar) is True.
+    Pages are popped from the free stack in request order (a cumulative sum), so the grant is one
+    gather and two scatters over a [B, max_new] grid, with no loop and no scan of the pool. The
+    caller has checked that enough pages are free (`_page_budget`); the state changes only where
+    `apply` (a scalar) is True. Returns (state, pages [B, max_new], -1 where none was granted).
     """
     cfg = state.config
-    B = slot.shape[0]
-    ends = cumsum(num_new)
-    starts = ends - num_new
-    out_of_pages = (num_new > 0) & (ends > state.num_free_pages)
-    free = _take_first_free(state.refcount, B * max_new)
+    starts = cumsum(num_new) - num_new
     j = jnp.arange(max_new, dtype=_I32)[None, :]
     take = (j < num_new[:, None]) & apply
-    pages = free.at[starts[:, None] + j].get(mode="fill", fill_value=cfg.num_pages)
-    pages = jnp.where(take, pages, -1)
+    at = jnp.where(take, state.num_free - 1 - (starts[:, None] + j), cfg.num_pages)
+    pages = jnp.where(take, state.free_pages.at[at].get(mode="fill", fill_value=cfg.num_pages), -1)
     rows = jnp.where(take, slot[:, None], cfg.max_seqs)
     cols = first_page[:, None] + j
-    page_table = state.page_table.at[rows, cols].set(pages, mode="drop")
-    refcount = state.refcount.at[jnp.where(take, pages, cfg.num_pages)].set(1, mode="drop")
-    return page_table, refcount, pages
+    return state._replace(
+        page_table=state.page_table.at[rows, cols].set(pages, mode="drop"),
+        refcount=state.refcount.at[jnp.where(take, pages, cfg.num_pages)].set(1, mode="drop"),
+        num_free=state.num_free - jnp.where(apply, jnp.sum(num_new, dtype=_I32), 0),
+    ), pages
 
 
 def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new: int):
@@ -227,11 +261,9 @@ def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new:
         (is_req & too_long, Status.TOO_LONG),
     )
     status, num_new, apply = _page_budget(state, pre, num_new)
-    page_table, refcount, _ = _grant_pages(state, slot, held, num_new, apply, max_new)
+    st, _ = _grant_pages(state, slot, held, num_new, apply, max_new)
     upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
-    new_state = state._replace(
-        page_table=page_table,
-        refcount=refcount,
+    new_state = st._replace(
         seq_lens=state.seq_lens.at[upd].set(new_len, mode="drop"),
         active=state.active.at[upd].set(True, mode="drop"),
     )
@@ -288,15 +320,18 @@ def allocate_decoding(state: CacheState, seq_ids):
 
 def _drop_pages(state: CacheState, slot, keep_pages, apply):
     """Unreference columns `keep_pages[i]..` of row `slot[i]` (scatter-add, so shared pages and
-    duplicates across requests are counted exactly once per reference). Returns (page_table, refcount)."""
+    duplicates across requests are counted exactly once per reference); pages that reach refcount
+    0 go back on the free stack. Returns the state."""
     cfg = state.config
     rows = state.page_table.at[slot].get(mode="fill", fill_value=-1)  # [B, M]
     j = jnp.arange(cfg.max_pages_per_seq, dtype=_I32)[None, :]
     drop = (j >= keep_pages[:, None]) & (rows >= 0) & apply
-    refcount = state.refcount.at[jnp.where(drop, rows, cfg.num_pages)].add(-1, mode="drop")
-    page_table = state.page_table.at[jnp.where(drop, slot[:, None], cfg.max_seqs), j].set(
-        -1, mode="drop")
-    return page_table, refcount
+    cand = jnp.where(drop, rows, cfg.num_pages).reshape(-1)
+    st = state._replace(
+        refcount=state.refcount.at[cand].add(-1, mode="drop"),
+        page_table=state.page_table.at[jnp.where(drop, slot[:, None], cfg.max_seqs), j].set(
+            -1, mode="drop"))
+    return _push_freed(st, state.refcount, cand)
 
 
 def release_status(state: CacheState, seq_ids):
@@ -312,11 +347,9 @@ def release_status(state: CacheState, seq_ids):
         (is_req & ~active, Status.INACTIVE),
     )
     apply = jnp.all(status == Status.OK)
-    page_table, refcount = _drop_pages(state, slot, jnp.zeros_like(slot), apply)
+    st = _drop_pages(state, slot, jnp.zeros_like(slot), apply)
     upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
-    new_state = state._replace(
-        page_table=page_table,
-        refcount=refcount,
+    new_state = st._replace(
         seq_lens=state.seq_lens.at[upd].set(0, mode="drop"),
         active=state.active.at[upd].set(False, mode="drop"),
     )
@@ -356,13 +389,11 @@ def truncate_status(state: CacheState, seq_ids, new_lens):
     status, num_new, apply = _page_budget(state, pre, cow.astype(_I32))
     # Drop the pages past the new end; a copied last page is dropped too and re-granted below.
     drop_from = jnp.where(num_new > 0, keep - 1, keep)
-    page_table, refcount = _drop_pages(state, slot, drop_from, apply)
-    st = state._replace(page_table=page_table, refcount=refcount)
-    page_table, refcount, pages = _grant_pages(st, slot, keep - 1, num_new, apply, 1)
+    st = _drop_pages(state, slot, drop_from, apply)
+    st, pages = _grant_pages(st, slot, keep - 1, num_new, apply, 1)
     copies = jnp.stack([jnp.where(pages[:, 0] >= 0, last, -1), pages[:, 0]], axis=1)
     upd = jnp.where(apply & in_range, slot, cfg.max_seqs)
-    new_state = st._replace(page_table=page_table, refcount=refcount,
-                            seq_lens=state.seq_lens.at[upd].set(new_lens, mode="drop"))
+    new_state = st._replace(seq_lens=state.seq_lens.at[upd].set(new_lens, mode="drop"))
     return new_state, status, copies
 
 
@@ -417,12 +448,11 @@ def fork_status(state: CacheState, src_ids, dst_ids):
         src_rows, mode="drop")
     # The partly filled last page is copied (copy-on-write done eagerly).
     st = state._replace(page_table=page_table, refcount=refcount)
-    page_table, refcount, pages = _grant_pages(st, d_slot, full, num_new, apply, 1)
+    st, pages = _grant_pages(st, d_slot, full, num_new, apply, 1)
     src_last = src_rows[jnp.arange(src_rows.shape[0]), jnp.minimum(full, M - 1)]
     copies = jnp.stack([jnp.where(pages[:, 0] >= 0, src_last, -1), pages[:, 0]], axis=1)
     upd = jnp.where(ok_req, d_slot, cfg.max_seqs)
     new_state = st._replace(
-        page_table=page_table, refcount=refcount,
         seq_lens=state.seq_lens.at[upd].set(length, mode="drop"),
         active=state.active.at[upd].set(True, mode="drop"))
     return new_state, status, copies
@@ -566,8 +596,9 @@ def unref_status(state: CacheState, page_ids):
         (is_req & (after < held.at[idx].get(mode="fill", fill_value=0)), Status.PAGE_HELD),
     )
     apply = jnp.all(status == Status.OK)
-    refcount = state.refcount.at[jnp.where(apply, idx, cfg.num_pages)].add(-1, mode="drop")
-    return state._replace(refcount=refcount), status
+    cand = jnp.where(apply, idx, cfg.num_pages)
+    st = state._replace(refcount=state.refcount.at[cand].add(-1, mode="drop"))
+    return _push_freed(st, state.refcount, cand), status
 
 
 def unref(state: CacheState, page_ids):

@@ -259,6 +259,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             ext[self.bind[mid]] = c
         np.testing.assert_array_equal(rc, in_tables + ext)  # refcount = table refs + external refs
         assert int(self.state.num_free_pages) == self.model.num_free()
+        # The free stack holds exactly the free pages, each once.
+        stack = np.asarray(self.state.free_pages)[: int(self.state.num_free)]
+        assert sorted(stack.tolist()) == np.flatnonzero(rc == 0).tolist()
         # last_page_len agrees with the pages held, for every active slot.
         slots = jnp.arange(S, dtype=jnp.int32)
         packed = sj.pack_for_flashinfer(self.state, slots)
