@@ -13,7 +13,7 @@ Inside jit (`torch_callback`):
 Outside jit (`jax_to_torch`, `torch_to_jax`): zero-copy where DLPack allows, with the consumer's
 stream made to wait on the producer (JAX's DLPack export / import does the waiting).
 
-Never `jax.pure_callback` / `io_callback` for device data: they copy every operand to the host.
+Never JAX's host callbacks (pure / io) for device data: they copy every operand to the host.
 """
 
 from __future__ import annotations

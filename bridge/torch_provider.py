@@ -26,7 +26,8 @@ class TorchProvider:
 
     def make_state(self, key):
         if key.pos_encoding_mode != "NONE":
-            raise NotImplementedError("torch provider: pos_encoding_mode must be 'NONE'")
+            raise ValueError("torch test provider: pos_encoding_mode must be 'NONE' (RoPE/ALiBi run "
+                             "on the flashinfer provider and the reference backend)")
         st = _State()
         st.host = None
         return st
@@ -95,10 +96,10 @@ class TorchProvider:
                   causal=slot.key.causal)
 
     def pod(self, *a, **k):
-        raise NotImplementedError("torch provider has no POD")
+        raise ValueError("torch test provider: POD runs on the flashinfer provider only")
 
     def batch_pod(self, *a, **k):
-        raise NotImplementedError("torch provider has no batch POD")
+        raise ValueError("torch test provider: batch POD runs on the flashinfer provider only")
 
     def append(self, slot, keys, values, batch_indices, positions, k_cache, v_cache, indptr,
                indices, lpl):
