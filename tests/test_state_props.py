@@ -221,7 +221,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         ids = self._draw_ids(data, False)
         rows, jrows = [], []
         for _ in range(B):
-            picks = [self._draw_page(data, full_only=True) for _ in range(K)]
+            # Mostly full pages (a valid prefix), sometimes a sequence's partly filled last page.
+            picks = [self._draw_page(data, full_only=data.draw(hst.integers(0, 3)) > 0)
+                     for _ in range(K)]
             picks = [(m, j) if m is not None else (("bad", -1), -1) for m, j in picks]
             rows.append([m for m, _ in picks])
             jrows.append(self._jax_ids(picks))
