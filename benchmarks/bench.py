@@ -282,23 +282,29 @@ def _kernel_row(r):
 # 32-layer decode step
 
 
-def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
+def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
     import flashinfer
     import torch
 
     res = {"bs": bs, "ctx": ctx, "num_layers": num_layers}
     cfg, state0, kv0 = make_decode_problem(bs, ctx, num_layers=num_layers,
-                                           extra_tokens=4 * steps + 16)
+                                           extra_tokens=4 * steps + 32)
     seq_ids = jnp.arange(bs, dtype=jnp.int32)
     key = jax.random.PRNGKey(3)
     q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
     kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
 
-    def make_step(use_scan, append_impl):
-        def step(state, kv):
+    def make_step(use_scan, append_impl, planning, layers=num_layers):
+        """One decode step: allocate_decoding -> pack -> plan -> `layers` x (append + decode).
+        planning "device": plan_decode inside the step (reads the lengths back: a stream sync);
+        "host": adopt the HostPlan made on the host before the step (no sync)."""
+        def step(state, kv, hp):
             state, ok = sj.allocate_decoding(state, seq_ids)
             packed = sj.pack_for_flashinfer(state, seq_ids)
-            plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+            if planning == "host":
+                plan = attention.adopt_plan(hp, packed)
+            else:
+                plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
 
             def layer(carry, l):
                 kv, x = carry
@@ -309,86 +315,110 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
 
             x = jnp.zeros((bs, HQ, D), DT)
             if use_scan:
-                (kv, x), _ = jax.lax.scan(layer, (kv, x), jnp.arange(num_layers, dtype=jnp.int32))
+                (kv, x), _ = jax.lax.scan(layer, (kv, x), jnp.arange(layers, dtype=jnp.int32))
             else:
-                for l in range(num_layers):
+                for l in range(layers):
                     (kv, x), _ = layer((kv, x), l)
-            return state, kv, x
+            if layers == 0:
+                x = plan.token if plan.token is not None else x
+            return state, kv, x, ok & plan.ok
 
         return jax.jit(step, donate_argnums=(1,))
 
-    for bridge in ("callback", "ffi"):
+    def run_steps(step, planning, n_warm=3, repeats=3):
+        """Median seconds per step over `repeats` x `steps` back-to-back steps (the host plans
+        included), after n_warm; also whether the pool stayed in place and every step was ok."""
+        state, kv = state0, kv0 + 0
+        ptr = kv.unsafe_buffer_pointer()
+        lens = np.full((bs,), ctx, np.int32)
+
+        def one(state, kv):
+            nonlocal lens
+            lens = lens + 1                # this step's allocate_decoding adds one token each
+            hp = (attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
+                  if planning == "host" else None)
+            return step(state, kv, hp)
+
+        oks = []
+        for _ in range(n_warm):
+            state, kv, x, ok = one(state, kv)
+            oks.append(ok)
+        jax.block_until_ready(x)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                state, kv, x, ok = one(state, kv)
+                oks.append(ok)
+            jax.block_until_ready(x)
+            ts.append((time.perf_counter() - t0) / steps)
+        all_ok = bool(all(np.all(np.asarray(o)) for o in oks))
+        same = kv.unsafe_buffer_pointer() == ptr
+        del kv
+        return statistics.median(ts), same, all_ok
+
+    variants = [("ffi", False, "scatter", "device"), ("ffi", False, "scatter", "host"),
+                ("ffi", True, "scatter", "device"), ("ffi", True, "scatter", "host"),
+                ("ffi", False, "flashinfer", "device"),
+                ("callback", False, "scatter", "device"), ("callback", False, "scatter", "host")]
+    for bridge, use_scan, append_impl, planning in variants:
         attention.BRIDGE = bridge
         if bridge == "ffi" and not attention.bridge_module("ffi").available():
             continue
-        variants = [(False, "scatter"), (True, "scatter"), (False, "flashinfer")]
-        if bridge == "ffi":
-            variants.append((True, "flashinfer"))
-        for use_scan, append_impl in variants:
-            step = make_step(use_scan, append_impl)
-            state, kv = state0, kv0 + 0
-            ptr = kv.unsafe_buffer_pointer()
-            for _ in range(3):                       # warm-up / compile
-                state, kv, x = step(state, kv)
-            jax.block_until_ready(x)
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(steps // 3):
-                    state, kv, x = step(state, kv)
-                jax.block_until_ready(x)
-                ts.append((time.perf_counter() - t0) / (steps // 3))
-            name = f"jax_{bridge}_{'scan' if use_scan else 'loop'}_{append_impl}_append"
-            res[name] = statistics.median(ts)
-            res[name + "_no_copy"] = kv.unsafe_buffer_pointer() == ptr
-            log(f"  {name}: {res[name] * 1e3:.3f} ms/step (pool not copied: {res[name + '_no_copy']})")
-            del kv
+        name = (f"jax_{bridge}_{'scan' if use_scan else 'loop'}_{append_impl}_append"
+                f"_{planning}_plan")
+        t, same, ok = run_steps(make_step(use_scan, append_impl, planning), planning)
+        res[name], res[name + "_no_copy"], res[name + "_plans_ok"] = t, same, ok
+        log(f"  {name}: {t * 1e3:.3f} ms/step (pool not copied: {same}; plans matched: {ok})")
     attention.BRIDGE = "ffi" if attention.bridge_module("ffi").available() else "callback"
-    # the step's fixed part alone: allocate_decoding + pack + plan (no layer)
-    def head(state, kv):
-        state, ok = sj.allocate_decoding(state, seq_ids)
-        packed = sj.pack_for_flashinfer(state, seq_ids)
-        plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
-        return state, plan.token
-
-    def head_no_plan(state, kv):
-        state, ok = sj.allocate_decoding(state, seq_ids)
-        packed = sj.pack_for_flashinfer(state, seq_ids)
-        return state, packed
-
-    res["jax_step_head_only"] = time_jax(jax.jit(head), (state0, kv0), 1, repeats=9)
-    res["jax_step_head_no_plan"] = time_jax(jax.jit(head_no_plan), (state0, kv0), 1, repeats=9)
-    res["jax_empty_program"] = time_jax(jax.jit(lambda x: x + 1), (jnp.zeros(4),), 1, repeats=9)
-    log(f"  jax allocate+pack+plan only: {res['jax_step_head_only'] * 1e3:.3f} ms; without the "
-        f"plan {res['jax_step_head_no_plan'] * 1e3:.3f} ms; an empty program "
-        f"{res['jax_empty_program'] * 1e3:.3f} ms")
-    # append alone, per layer call (marginal): JAX scatter vs FlashInfer's kernel over FFI
+    # the step's head alone (allocate_decoding + pack + plan, no layer), back to back like the
+    # steps above: its cost per step when pipelined
+    for planning in ("device", "host"):
+        t, _, ok = run_steps(make_step(False, "scatter", planning, layers=0), planning)
+        res[f"jax_step_head_{planning}_plan"] = t
+        log(f"  head only ({planning} plan): {t * 1e6:.1f} us/step (plans matched: {ok})")
+    # the host's share of a host-planned step: host_plan_decode alone
+    lens = np.full((bs,), ctx + 1, np.int32)
+    for _ in range(5):
+        attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
+        attention.discard_host_plans()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
+        attention.discard_host_plans()
+    res["host_plan_decode_host_s"] = (time.perf_counter() - t0) / 200
+    log(f"  host_plan_decode on the host: {res['host_plan_decode_host_s'] * 1e6:.1f} us/call")
+    # one layer (append + q add + decode) inside a jitted program, marginal over 8 -> 32 layers:
+    # compare with torch's layers / num_layers below
     packed0 = sj.pack_for_flashinfer(state0, seq_ids)
-    for impl in ("scatter", "flashinfer"):
-        def build(n, impl=impl):
-            def many(kv, packed):
-                plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
-                for i in range(n):
-                    kv = attention.append_kv(cfg, kv, kk[i % num_layers], kk[i % num_layers],
-                                             packed, layer=i % num_layers, plan=plan, impl=impl)
-                return kv
-            return jax.jit(many, donate_argnums=0)
-        kvx = kv0 + 0
-        t = []
-        for n in (8, 32):
-            f = build(n)
-            kvx = f(kvx, packed0)
-            jax.block_until_ready(kvx)
-            ts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                kvx = f(kvx, packed0)
-                jax.block_until_ready(kvx)
-                ts.append(time.perf_counter() - t0)
-            t.append(statistics.median(ts))
-        res[f"jax_{attention.BRIDGE}_append_{impl}"] = (t[1] - t[0]) / 24
-        log(f"  append {impl} ({attention.BRIDGE}): {res[f'jax_{attention.BRIDGE}_append_{impl}'] * 1e6:.1f} us/call")
-        del kvx
+
+    def build_layers(n):
+        def many(kv, packed):
+            plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+            x = jnp.zeros((bs, HQ, D), DT)
+            for i in range(n):
+                l = i % num_layers
+                kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan,
+                                         impl="scatter")
+                x = attention.batch_decode(cfg, q[l] + x, kv, packed, layer=l, plan=plan)
+            return kv, x
+        return jax.jit(many, donate_argnums=0)
+
+    kvx, t = kv0 + 0, []
+    for n in (8, 32):
+        f = build_layers(n)
+        kvx, x = f(kvx, packed0)
+        jax.block_until_ready(x)
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            kvx, x = f(kvx, packed0)
+            jax.block_until_ready(x)
+            ts.append(time.perf_counter() - t0)
+        t.append(statistics.median(ts))
+    del kvx
+    res["jax_ffi_layer_marginal"] = (t[1] - t[0]) / 24
+    log(f"  one layer in jit (marginal): {res['jax_ffi_layer_marginal'] * 1e6:.1f} us")
     attention.BRIDGE = "auto"
 
     # torch: the same kernels (tensor-core decode, FlashInfer append), eager and CUDA graph
@@ -424,6 +454,8 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
 
     res["torch_eager"] = time_torch(torch_step, steps)
     log(f"  torch_eager: {res['torch_eager'] * 1e3:.3f} ms/step")
+    res["torch_eager_layer"] = time_torch(lambda: layers(w), steps) / num_layers
+    log(f"  torch eager, one layer: {res['torch_eager_layer'] * 1e6:.1f} us")
 
     # CUDA graph: plan outside, capture the 32 layers
     wg = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -452,9 +484,147 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=20):
     res["torch_cuda_graph_replay_only"] = time_graph(g, steps)
     log(f"  torch_cuda_graph: {res['torch_cuda_graph'] * 1e3:.3f} ms/step "
         f"(replay only {res['torch_cuda_graph_replay_only'] * 1e3:.3f})")
+    # torch eager again: the machines are shared, so bracket the JAX figures with two torch runs
+    res["torch_eager_again"] = time_torch(torch_step, steps)
+    log(f"  torch_eager (again): {res['torch_eager_again'] * 1e3:.3f} ms/step")
+    eager = max(res["torch_eager"], res["torch_eager_again"])
     for k in list(res):
-        if k.startswith("jax_") and not k.endswith("_no_copy"):
-            res[k + "_vs_torch_eager"] = res[k] / res["torch_eager"]
+        if k.startswith("jax_") and not k.endswith(("_no_copy", "_plans_ok", "_marginal")):
+            res[k + "_vs_torch_eager"] = res[k] / eager
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer of the step, piece by piece (marginal per layer, jit vs torch eager)
+
+
+def bench_layers(bs=64, ctx=1024, num_layers=32):
+    """Where a layer's time goes: decode alone, + the q add, + the K/V append (each way), as the
+    marginal cost per layer inside one jitted program (8 -> 32 layers), beside torch eager."""
+    import flashinfer
+    import torch
+
+    from seqattn_jax import kv as kv_mod
+
+    res = {"bs": bs, "ctx": ctx}
+    cfg, state0, kv0 = make_decode_problem(bs, ctx, num_layers=num_layers, extra_tokens=16)
+    seq_ids = jnp.arange(bs, dtype=jnp.int32)
+    state, _ = sj.allocate_decoding(state0, seq_ids)
+    packed = sj.pack_for_flashinfer(state, seq_ids)
+    key = jax.random.PRNGKey(3)
+    q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
+    kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
+    kk2 = jnp.stack([kk, kk], axis=2)                     # [L, B, 2, Hkv, D] pre-stacked
+
+    def scatter_separate(kv, l):   # K and V as two scatters (no stack of K and V per layer)
+        page = jnp.where(packed.token_pages >= 0, packed.token_pages + l * cfg.num_pages,
+                         cfg.num_layers * cfg.num_pages)
+        off = jnp.maximum(packed.token_offsets, 0)
+        kv = kv.at[page, 0, off].set(kk[l], mode="drop")
+        return kv.at[page, 1, off].set(kk[l], mode="drop")
+
+    def scatter_prestacked(kv, l):
+        page = jnp.where(packed.token_pages >= 0, packed.token_pages + l * cfg.num_pages,
+                         cfg.num_layers * cfg.num_pages)
+        off = jnp.maximum(packed.token_offsets, 0)
+        which = jnp.arange(2, dtype=jnp.int32)[None, :]
+        return kv.at[page[:, None], which, off[:, None]].set(kk2[l], mode="drop")
+
+    pieces = {
+        "decode": lambda kv, x, l, plan: (kv, attention.batch_decode(
+            cfg, x, kv, packed, layer=l, plan=plan)),
+        "add_decode": lambda kv, x, l, plan: (kv, attention.batch_decode(
+            cfg, q[l] + x, kv, packed, layer=l, plan=plan)),
+        "scatter_append": lambda kv, x, l, plan: (kv_mod.append_kv(
+            cfg, kv, kk[l], kk[l], packed, layer=l), x),
+        "scatter_separate": lambda kv, x, l, plan: (scatter_separate(kv, l), x),
+        "scatter_prestacked": lambda kv, x, l, plan: (scatter_prestacked(kv, l), x),
+        "fi_append": lambda kv, x, l, plan: (attention.append_kv(
+            cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan, impl="flashinfer"), x),
+    }
+    combos = {
+        "decode": ["decode"],
+        "add_decode": ["add_decode"],
+        "scatter_append": ["scatter_append"],
+        "scatter_separate": ["scatter_separate"],
+        "scatter_prestacked": ["scatter_prestacked"],
+        "fi_append": ["fi_append"],
+        "layer_scatter": ["scatter_append", "add_decode"],
+        "layer_fi_append": ["fi_append", "add_decode"],
+    }
+
+    def build(names, n):
+        def many(kv, packed_):
+            plan = attention.plan_decode(cfg, packed_, HQ, backend="flashinfer")
+            x = q[0]
+            for i in range(n):
+                for name in names:
+                    kv, x = pieces[name](kv, x, i % num_layers, plan)
+            return kv, x
+        return jax.jit(many, donate_argnums=0)
+
+    kvx = kv0 + 0
+    for label, names in combos.items():
+        t = []
+        for n in (8, 32):
+            f = build(names, n)
+            kvx, x = f(kvx, packed)
+            jax.block_until_ready(x)
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                kvx, x = f(kvx, packed)
+                jax.block_until_ready(x)
+                ts.append(time.perf_counter() - t0)
+            t.append(statistics.median(ts))
+        res["jax_" + label] = (t[1] - t[0]) / 24
+        log(f"  jit {label}: {res['jax_' + label] * 1e6:.1f} us/layer")
+    del kvx
+
+    kv_t = torch.from_dlpack(kv0).clone()
+    P = cfg.num_pages
+    kv_layers = kv_t.view(num_layers, P, *kv_t.shape[1:])
+    indptr = torch.from_dlpack(packed.kv_page_indptr).clone()
+    indices = torch.from_dlpack(packed.kv_page_indices).clone()
+    lpl = torch.from_dlpack(packed.kv_last_page_len).clone()
+    q_t, k_t = torch.from_dlpack(q).clone(), torch.from_dlpack(kk).clone()
+    seq_lens = flashinfer.get_seq_lens(indptr, lpl, PS)
+    bi, pos = flashinfer.get_batch_indices_positions(
+        torch.arange(bs + 1, dtype=torch.int32, device="cuda"), seq_lens, bs)
+    ws = torch.zeros(128 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    w.plan(indptr.cpu(), indices, lpl.cpu(), HQ, HKV, D, PS, q_data_type=torch.float16)
+    outs = [torch.empty(bs, HQ, D, dtype=torch.float16, device="cuda") for _ in range(2)]
+
+    def t_decode():
+        x = q_t[0]
+        for l in range(num_layers):
+            w.run(x, kv_layers[l], out=outs[l % 2])
+            x = outs[l % 2]
+
+    def t_add_decode():
+        x = q_t[0]
+        for l in range(num_layers):
+            w.run(q_t[l] + x, kv_layers[l], out=outs[l % 2])
+            x = outs[l % 2]
+
+    def t_append():
+        for l in range(num_layers):
+            flashinfer.append_paged_kv_cache(k_t[l], k_t[l], bi, pos, kv_layers[l], indices,
+                                             indptr, lpl, "NHD")
+
+    def t_layer():
+        x = q_t[0]
+        for l in range(num_layers):
+            flashinfer.append_paged_kv_cache(k_t[l], k_t[l], bi, pos, kv_layers[l], indices,
+                                             indptr, lpl, "NHD")
+            w.run(q_t[l] + x, kv_layers[l], out=outs[l % 2])
+            x = outs[l % 2]
+
+    for label, fn in (("decode", t_decode), ("add_decode", t_add_decode),
+                      ("append", t_append), ("layer", t_layer)):
+        res["torch_" + label] = time_torch(fn, 10) / num_layers
+        log(f"  torch eager {label}: {res['torch_' + label] * 1e6:.1f} us/layer")
     return res
 
 
@@ -607,7 +777,7 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+", choices=["all", "copy", "kernel", "step", "pod"])
+    ap.add_argument("what", nargs="+", choices=["all", "copy", "kernel", "step", "pod", "layers"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     what = {"copy", "kernel", "step", "pod"} if "all" in args.what else set(args.what)
@@ -634,6 +804,9 @@ def main():
     if "pod" in what:
         log("== pod")
         results["pod"] = bench_pod()
+    if "layers" in what:
+        log("== layers")
+        results["layers"] = bench_layers()
     name = "_".join(sorted(what))
     path = out_dir / f"bench_{name}.json"
     path.write_text(json.dumps(results, indent=1))

@@ -42,7 +42,7 @@ _ARG_SPEC = ["args", "rets", "attrs.prog", "attrs.iconst", "attrs.fconst"]
 _FN_PREFIX = "seqattn.fi.fn"
 
 # program opcodes (keep in sync with _SHIM)
-IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW, ROWS, KIN, VIN, KOUT, VOUT = range(15)
+IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW, ROWS, KIN, VIN, KOUT, VOUT, PLAN_WS = range(16)
 RAW_U8, RAW_F32, RAW_I32 = 0, 1, 2
 
 _SHIM = r"""
@@ -163,6 +163,8 @@ const Tensor& Raw(DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
 struct PlanRec {
   Array<int64_t> info;
   int64_t rows;  // real token rows (a prefix of the batch's rows), -1 if not a prefix
+  int64_t ws_ptr;   // the int workspace holding this plan's schedule (device pointer)
+  int64_t ws_size;  // its size in bytes
 };
 std::unordered_map<int64_t, PlanRec>* Plans() {
   static auto* plans = new std::unordered_map<int64_t, PlanRec>();
@@ -173,9 +175,10 @@ std::mutex* PlansMu() {
   return mu;
 }
 
-void PlanSet(int64_t slot, Array<int64_t> plan_info, int64_t rows) {
+void PlanSet(int64_t slot, Array<int64_t> plan_info, int64_t rows, int64_t ws_ptr,
+             int64_t ws_size) {
   std::lock_guard<std::mutex> lock(*PlansMu());
-  (*Plans())[slot] = PlanRec{plan_info, rows};
+  (*Plans())[slot] = PlanRec{plan_info, rows, ws_ptr, ws_size};
 }
 
 PlanRec PlanGet(int64_t slot) {
@@ -231,6 +234,11 @@ void FiCall(PackedArgs args, Any* rv) {
                                iconst[x + 1], iconst[x + 2]));
         break;
       case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
+      case 15: {  // the int workspace of plan slot x's current plan (a host plan's ring entry)
+        PlanRec rec = PlanGet(x);
+        call.emplace_back(Raw(dev, rec.ws_ptr, rec.ws_size, 0));
+        break;
+      }
       default: TVM_FFI_THROW(ValueError) << "seqattn.fi_call: bad opcode " << op;
     }
   }
@@ -370,6 +378,11 @@ class Program:
         self.prog += [PLAN, int(slot_id)]
         return self
 
+    def plan_ws(self, slot_id: int):
+        """The int workspace of the slot's current plan (it moves between host plans)."""
+        self.prog += [PLAN_WS, int(slot_id)]
+        return self
+
     def raw(self, tensor, code: int):
         idx = self._i(tensor.data_ptr())
         self._i(tensor.numel())
@@ -414,7 +427,9 @@ def publish_plan(slot) -> None:
 
         fn = _state["plan_set"] = tvm_ffi.get_global_func("seqattn.fi_plan_set")
     rows = slot.append_rows if slot.append_rows is not None else -1
-    fn(slot.id, slot.plan_info if slot.plan_info is not None else [], rows)
+    ws = slot.int_ws if slot.int_ws is not None else getattr(slot.state, "int_ws", None)
+    ws_ptr, ws_size = (ws.data_ptr(), ws.numel()) if ws is not None else (0, 0)
+    fn(slot.id, slot.plan_info if slot.plan_info is not None else [], rows, ws_ptr, ws_size)
 
 
 def _prepare(slot) -> tuple[str, int]:
@@ -434,7 +449,7 @@ def _kv(p, i, pages):
 def _decode_program(slot, rp, n_out, pages):
     key, st = slot.key, slot.state
     p = Program(6, n_out)   # inputs: q, kv, indptr, indices, lpl, token
-    p.raw(st.float_ws, RAW_U8).raw(st.int_ws, RAW_U8).plan(slot.id).inp(0)
+    p.raw(st.float_ws, RAW_U8).plan_ws(slot.id).plan(slot.id).inp(0)
     _kv(p, 1, pages)
     if key.decode_kernel == "cuda_core":
         p.inp(2).inp(3).inp(4).out(0)

@@ -165,18 +165,27 @@ class FlashInferProvider:
             key.num_kv_heads, key.page_size, False, key.head_dim, key.head_dim, causal,
             key.window_left, -1, False, num_colocated, 0)
 
-    def plan(self, slot, host):
-        key, st = slot.key, slot.state
-        if key.kind == "decode" and key.decode_kernel == "cuda_core":
-            slot.plan_info = st.module.plan(
-                st.float_ws, st.int_ws, st.pinned, torch.from_numpy(host["indptr"]),
+    def _plan_decode(self, st, key, host, int_ws, pinned):
+        if key.decode_kernel == "cuda_core" and key.kind == "decode":
+            return st.module.plan(
+                st.float_ws, int_ws, pinned, torch.from_numpy(host["indptr"]),
                 key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, False,
                 key.window_left, key.logits_soft_cap, key.head_dim, key.head_dim,
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
-        elif key.kind in ("decode", "pod"):
-            slot.plan_info = self._plan_prefill_like(
-                st, key, st.float_ws, st.int_ws, st.pinned, st.arange_qo_host, host["indptr"],
-                host["lpl"], key.batch_size, False)
+        return self._plan_prefill_like(st, key, st.float_ws, int_ws, pinned, st.arange_qo_host,
+                                       host["indptr"], host["lpl"], key.batch_size, False)
+
+    def host_plan(self, slot, host, int_ws, pinned):
+        """Plan on the host into a ring entry's workspace (the caller set a private stream for
+        FlashInfer's schedule copy); returns plan_info. Decode plans only."""
+        if slot.key.kind != "decode":
+            raise ValueError(f"host plans are made for decode batches, not {slot.key.kind!r}")
+        return self._plan_decode(slot.state, slot.key, host, int_ws, pinned)
+
+    def plan(self, slot, host):
+        key, st = slot.key, slot.state
+        if key.kind in ("decode", "pod"):
+            slot.plan_info = self._plan_decode(st, key, host, st.int_ws, st.pinned)
         elif key.kind == "prefill":
             qo = host["qo_indptr"]
             rows = int(qo[-1])
@@ -200,12 +209,13 @@ class FlashInferProvider:
 
     def decode(self, slot, q, k, v, indptr, indices, lpl, o, lse, rp):
         key, st = slot.key, slot.state
+        int_ws = st.int_ws if slot.int_ws is None else slot.int_ws   # a host plan's ring entry
         if key.decode_kernel == "cuda_core":
-            st.module.run(st.float_ws, st.int_ws, slot.plan_info, q, k, v, indptr, indices, lpl,
+            st.module.run(st.float_ws, int_ws, slot.plan_info, q, k, v, indptr, indices, lpl,
                           o, lse, st.layout, key.window_left, st.pdl, st.alibi,
                           key.logits_soft_cap, rp.sm_scale, rp.rope_scale, rp.rope_theta)
         else:
-            self._paged_run(st, key, slot.plan_info, st.float_ws, st.int_ws, q, k, v, st.arange_qo,
+            self._paged_run(st, key, slot.plan_info, st.float_ws, int_ws, q, k, v, st.arange_qo,
                             indptr, indices, lpl, o, lse, 0, rp)
 
     def _paged_run(self, st, key, plan_info, float_ws, int_ws, q, k, v, qo_indptr, indptr,

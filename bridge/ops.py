@@ -38,6 +38,7 @@ The plan knows both on the host, so the fix-up costs nothing when there is no pa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -53,8 +54,8 @@ from jax.experimental.buffer_callback import buffer_callback
 
 from .interop import StreamScope, as_torch, xla_stream
 
-__all__ = ["PlanKey", "RunParams", "plan", "decode", "prefill", "pod", "batch_pod", "append",
-           "get_slot", "TOKEN_SHAPE"]
+__all__ = ["PlanKey", "RunParams", "plan", "host_plan", "adopt", "decode", "prefill", "pod",
+           "batch_pod", "append", "get_slot", "TOKEN_SHAPE", "HOST_PLAN_DEPTH"]
 
 TOKEN_SHAPE = (1,)
 
@@ -114,7 +115,16 @@ class PlanSlot:
         self.total_rows: int = key.num_rows          # real query rows (prefill)
         self.append_rows: int | None = None          # real rows form a prefix of this length
         self.append_rows_index: torch.Tensor | None = None
+        self.int_ws: Any = None                       # int workspace the runs read (None: the
+                                                      # provider's own, st.int_ws)
         self.num_plans = 0
+        # host plans (see `host_plan` / `adopt`): a ring of workspaces and the FIFO of plans
+        # made on the host that wait for the step that adopts them
+        self.ring: list[_RingEntry] = []
+        self.ring_next = 0
+        self.queue: collections.deque = collections.deque()
+        self.current: _RingEntry | None = None        # ring entry adopted by the latest step
+        self.host_seq = 0
 
 
 _slots: dict[PlanKey, PlanSlot] = {}
@@ -191,7 +201,9 @@ def _plan_callback(slot: PlanSlot):
             meta_t = as_torch(meta)
             device = meta_t.device
             host = _split_meta(key, meta_t.cpu().numpy())   # waits for XLA's stream
+            _retire_current(slot, stream)
             slot.provider.plan(slot, host)
+            slot.int_ws = None
             # padding bookkeeping (host only; device index tensors only when padding exists)
             if key.kind in ("decode", "pod", "batch_pod") and \
                     not getattr(slot.provider, "zeroes_empty_requests", False):
@@ -235,6 +247,162 @@ def plan(key: PlanKey, *arrays: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
+# host plans: plan on the host before the step, adopt inside it with no stream sync
+#
+# The device-planned path above reads the step's lengths back from the GPU, so the GPU idles
+# while the host plans (the previous step's work must drain first). When the caller knows the
+# step's lengths on the host (a scheduler does: a decode step adds one token per request), the
+# plan can be made before the step is dispatched, while the GPU still runs the previous step:
+#
+#   host_plan(key, meta)   host, outside jit: FlashInfer's plan writes its schedule into a pinned
+#                          buffer of a ring entry and copies it (async, on a private stream) into
+#                          that entry's own int workspace; the plan joins the slot's FIFO.
+#   adopt(key)             inside the step: one buffer_callback that pops the FIFO, makes XLA's
+#                          stream wait for the entry's copy (a GPU-side event wait, no host sync),
+#                          points the slot's runs at the entry's workspace and plan_info, and
+#                          writes the plan's sequence number into the token.
+#
+# Steps pop plans in the order they were dispatched, which is the order plans were pushed. The
+# caller checks on the device that the step adopted the plan it meant (the token holds the
+# sequence number) and that the plan's lengths are the packed batch's (attention.plan_decode
+# returns this as `plan.ok`). A ring entry is rewritten only after a later adopt of the same slot
+# recorded (on XLA's stream, after every run of the step that used it) that it is free.
+
+HOST_PLAN_DEPTH = 6      # host plans that may wait for their step, per slot
+_RING = HOST_PLAN_DEPTH + 2
+_RING_WS_BYTES = 1 << 20
+
+
+class _RingEntry:
+    __slots__ = ("int_ws", "pinned", "copied", "released", "state", "plan_info", "append_rows",
+                 "empty_req", "seq")
+
+    def __init__(self, device):
+        self.int_ws = self.pinned = self.copied = self.released = None
+        if device is not None:
+            self.int_ws = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, device=device)
+            self.pinned = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, pin_memory=True)
+            self.copied = torch.cuda.Event()
+            self.released = torch.cuda.Event()
+        self.state = "free"          # free | queued | current | retired
+        self.plan_info = None
+        self.append_rows = None
+        self.empty_req = None
+        self.seq = 0
+
+
+_side_streams: dict[int, Any] = {}
+
+
+def _side_stream(device):
+    s = _side_streams.get(device.index)
+    if s is None:
+        s = _side_streams[device.index] = torch.cuda.Stream(device=device)
+    return s
+
+
+def _retire_current(slot: PlanSlot, stream) -> None:
+    """The slot's current ring entry is done once XLA's stream passes this point."""
+    cur = slot.current
+    if cur is not None:
+        if stream is not None and cur.released is not None:
+            cur.released.record(stream)
+            cur.state = "retired"
+        else:
+            cur.state = "free"       # CPU: everything ran synchronously
+        slot.current = None
+
+
+def _take_entry(slot: PlanSlot) -> _RingEntry:
+    if not slot.ring:
+        device = getattr(slot.state, "device", None)
+        if device is not None and device.type != "cuda":
+            device = None
+        slot.ring = [_RingEntry(device) for _ in range(_RING)]
+    for _ in range(_RING):
+        e = slot.ring[slot.ring_next]
+        slot.ring_next = (slot.ring_next + 1) % _RING
+        if e.state in ("free", "retired"):
+            return e
+    raise RuntimeError("seqattn_jax: no free host-plan workspace (internal error)")
+
+
+def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | None) -> int:
+    """Plan `key` on the host from `arrays` (the `_meta_sections` of `key`, numpy int32) and queue
+    the plan for the next step that adopts this slot. Returns the plan's sequence number (int32)."""
+    slot = get_slot(key)
+    if len(slot.queue) >= HOST_PLAN_DEPTH:
+        raise RuntimeError(
+            f"seqattn_jax: {len(slot.queue)} host plans of this shape already wait for a step; "
+            f"each jitted step adopts one (at most {HOST_PLAN_DEPTH} may wait)")
+    host = HostMeta({name: np.ascontiguousarray(a, np.int32) for name, a in arrays.items()})
+    e = _take_entry(slot)
+    if e.int_ws is not None:
+        side = _side_stream(e.int_ws.device)
+        if e.state == "retired":
+            side.wait_event(e.released)   # GPU-side: the step that used it has finished with it
+        e.copied.synchronize()            # host-side: the last copy out of e.pinned is done
+        with StreamScope(side):           # FlashInfer's schedule copy goes on the side stream
+            e.plan_info = slot.provider.host_plan(slot, host, e.int_ws, e.pinned)
+            e.copied.record(side)
+    else:
+        e.plan_info = slot.provider.host_plan(slot, host, None, None)
+    e.empty_req = None
+    if "indptr" in host and not getattr(slot.provider, "zeroes_empty_requests", False):
+        # providers whose kernels leave requests without pages unwritten (the torch test kernels)
+        empty = np.nonzero(host["indptr"][1:] == host["indptr"][:-1])[0]
+        e.empty_req = torch.from_numpy(empty.astype(np.int64)) if empty.size else None
+    slot.host_seq = (slot.host_seq + 1) & 0x7FFFFFFF
+    e.seq, e.append_rows, e.state = slot.host_seq, append_rows, "queued"
+    slot.queue.append(e)
+    return e.seq
+
+
+def _adopt_callback(slot: PlanSlot):
+    def cb(ctx, token):
+        stream = xla_stream(ctx)
+        with StreamScope(stream):
+            if not slot.queue:
+                raise RuntimeError(f"seqattn_jax: a step adopts a host plan of slot {slot.id} but "
+                                   "none is queued: call the host plan before each step")
+            e = slot.queue.popleft()
+            if stream is not None and e.copied is not None:
+                stream.wait_event(e.copied)
+            _retire_current(slot, stream)
+            e.state, slot.current = "current", e
+            slot.plan_info, slot.int_ws = e.plan_info, e.int_ws
+            slot.append_rows, slot.append_rows_index = e.append_rows, None
+            slot.empty_req = e.empty_req
+            if slot.on_plan is not None:
+                slot.on_plan(slot)
+            slot.num_plans += 1
+            as_torch(token).fill_(e.seq)
+
+    return cb
+
+
+def discard_host_plans() -> int:
+    """Drop every host plan still waiting for a step (after a step failed to run, say). Returns
+    how many were dropped."""
+    n = 0
+    for slot in list(_slots.values()):
+        while slot.queue:
+            e = slot.queue.popleft()
+            e.state = "free"     # never used by a step; host_plan waits for its copy anyway
+            n += 1
+    return n
+
+
+def adopt(key: PlanKey) -> jax.Array:
+    """Inside the step: take the oldest host plan of `key` (no stream sync). Returns the token
+    (int32[1], holding the plan's sequence number once the step runs)."""
+    slot = get_slot(key)
+    f = buffer_callback(_adopt_callback(slot), jax.ShapeDtypeStruct(TOKEN_SHAPE, jnp.int32),
+                        vmap_method=None)
+    return f()
+
+
+# --------------------------------------------------------------------------------------------
 # padding fix-ups (run on XLA's stream inside the run callbacks)
 
 
@@ -242,6 +410,7 @@ def _fix_requests(o, lse, idx, provider=None):
     # FlashInfer's kernels already write 0 / -inf for a request without pages (measured on H200,
     # both decode kernels); other providers get the fix-up.
     if idx is not None and not getattr(provider, "zeroes_empty_requests", False):
+        idx = idx.to(o.device)
         o.index_fill_(0, idx, 0)
         if lse is not None:
             lse.index_fill_(0, idx, -math.inf)

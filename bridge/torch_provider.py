@@ -35,6 +35,11 @@ class TorchProvider:
     def plan(self, slot, host):
         slot.state.host = {k: v.copy() for k, v in host.items()}
 
+    def host_plan(self, slot, host, int_ws, pinned):
+        if slot.key.kind != "decode":
+            raise ValueError(f"host plans are made for decode batches, not {slot.key.kind!r}")
+        return {k: v.copy() for k, v in host.items()}    # plan_info: nothing reads it
+
     @staticmethod
     def _attend(key, q, kk, vv, q_pos, kv_len, sm_scale):
         # q [R,Hq,D], kk/vv [L,Hkv,D], q_pos [R] absolute positions

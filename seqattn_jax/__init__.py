@@ -11,9 +11,12 @@ layers (`kv`), and attention runs in FlashInfer's kernels on a GPU or in a pure-
 
 from seqattn_jax.attention import (
     AttentionPlan,
+    HostPlan,
+    adopt_plan,
     batch_decode,
     batch_pod,
     batch_prefill,
+    host_plan_decode,
     plan_batch_pod,
     plan_decode,
     plan_pod,
@@ -49,6 +52,6 @@ __all__ = [
     "pack_for_flashinfer", "ref", "release", "share_prefix", "split_head_ids", "state_from_page_table",
     "truncate", "unref",
 ]
-__all__ += ["AttentionPlan", "batch_decode", "batch_pod", "batch_prefill", "plan_batch_pod",
-            "plan_decode", "plan_pod", "plan_prefill", "pod"]
+__all__ += ["AttentionPlan", "HostPlan", "adopt_plan", "batch_decode", "batch_pod", "batch_prefill",
+            "host_plan_decode", "plan_batch_pod", "plan_decode", "plan_pod", "plan_prefill", "pod"]
 __all__ += ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages", "scrub_pages"]

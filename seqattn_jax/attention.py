@@ -58,9 +58,10 @@ from seqattn_jax.config import CacheConfig
 from seqattn_jax.packing import PackedBatch
 
 __all__ = [
-    "BACKENDS", "DECODE_KERNELS", "AttentionPlan", "append_kv", "batch_decode", "batch_pod",
-    "batch_prefill", "flashinfer_available", "flashinfer_unsupported_reason", "plan_batch_pod",
-    "plan_decode", "plan_pod", "plan_prefill", "pod", "resolve_backend",
+    "BACKENDS", "DECODE_KERNELS", "AttentionPlan", "HostPlan", "adopt_plan", "append_kv",
+    "batch_decode", "batch_pod", "batch_prefill", "decode_layout_from_lens",
+    "discard_host_plans", "flashinfer_available", "flashinfer_unsupported_reason", "host_plan_decode",
+    "plan_batch_pod", "plan_decode", "plan_pod", "plan_prefill", "pod", "resolve_backend",
 ]
 
 BACKENDS = ("auto", "reference", "flashinfer")
@@ -246,23 +247,34 @@ class _PlanMeta:
     window_left: int
     pos_encoding_mode: str
     causal: bool
+    host: bool = False           # adopted from a HostPlan (planned on the host before the step)
 
 
 @jax.tree_util.register_pytree_node_class
 class AttentionPlan:
-    """One step's attention plan: a token array (FlashInfer; None for the reference backend) and
-    static metadata. A pytree: pass it into jitted functions, close over it in `lax.scan`."""
+    """One step's attention plan: a token array (FlashInfer; None for the reference backend),
+    static metadata and, for a plan adopted from a `HostPlan`, `ok` (a bool scalar: the step's
+    packed batch is the one planned on the host). A pytree: pass it into jitted functions, close
+    over it in `lax.scan`."""
 
-    def __init__(self, token, meta: _PlanMeta):
+    def __init__(self, token, meta: _PlanMeta, ok=None):
         self.token = token
         self.meta = meta
+        self._ok = ok
 
     def tree_flatten(self):
-        return (self.token,), self.meta
+        return (self.token, self._ok), self.meta
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(children[0], meta)
+        return cls(children[0], meta, children[1])
+
+    @property
+    def ok(self) -> jax.Array:
+        """bool[]: False when a host plan did not match the step's batch (then the outputs of the
+        runs that used it are unspecified; the KV pool is never affected). Always True for a plan
+        made from the packed batch itself."""
+        return jnp.asarray(True) if self._ok is None else self._ok
 
     @property
     def backend(self) -> str:
@@ -326,7 +338,22 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
       slot: distinguishes two live plans with identical shapes and options in one step.
     """
     _check_packed("plan_decode: packed", packed)
-    _options_check("plan_decode", logits_soft_cap, window_left, pos_encoding_mode)
+    meta = _decode_plan_meta("plan_decode", config, packed.batch_size, num_qo_heads,
+                             q_dtype=q_dtype, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                             window_left=window_left, pos_encoding_mode=pos_encoding_mode,
+                             rope_scale=rope_scale, rope_theta=rope_theta, backend=backend,
+                             decode_kernel=decode_kernel, slot=slot)
+    if meta.backend == "reference":
+        return AttentionPlan(None, meta)
+    token = bridge_module("ops").plan(meta.key, *_meta_arrays_decode(packed, packed.batch_size))
+    return AttentionPlan(token, meta)
+
+
+def _decode_plan_meta(fn, config, b, num_qo_heads, *, q_dtype, sm_scale, logits_soft_cap,
+                      window_left, pos_encoding_mode, rope_scale, rope_theta, backend,
+                      decode_kernel, slot, host=False) -> _PlanMeta:
+    """Checks, backend choice and the bridge's PlanKey of a decode plan (device or host)."""
+    _options_check(fn, logits_soft_cap, window_left, pos_encoding_mode)
     qd = _q_dtype_name(config, q_dtype)
     reason = flashinfer_unsupported_reason(
         config, qd, num_qo_heads, kind="decode", sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
@@ -334,11 +361,10 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
         rope_theta=rope_theta, decode_kernel=decode_kernel)
     be = _choose(backend, reason)
     meta = dict(kind="decode", logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
-                pos_encoding_mode=pos_encoding_mode, causal=False)
+                pos_encoding_mode=pos_encoding_mode, causal=False, host=host)
     if be == "reference":
-        return AttentionPlan(None, _PlanMeta(backend="reference", key=None, **meta))
+        return _PlanMeta(backend="reference", key=None, **meta)
     ops = bridge_module("ops")
-    b = packed.batch_size
     key = ops.PlanKey(
         kind="decode", provider=_PROVIDER, batch_size=b, num_rows=b, num_qo_heads=num_qo_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
@@ -347,8 +373,142 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
         logits_soft_cap=float(logits_soft_cap),
         decode_kernel=_decode_kernel(decode_kernel, num_qo_heads // config.num_kv_heads),
         ffi=_use_ffi("decode"), slot=slot)
-    token = ops.plan(key, *_meta_arrays_decode(packed, b))
-    return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
+    return _PlanMeta(backend="flashinfer", key=key, **meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# host plans: a decode step planned on the host, adopted inside the jitted step with no sync
+# ----------------------------------------------------------------------------------------------
+
+@jax.tree_util.register_pytree_node_class
+class HostPlan:
+    """A decode plan made on the host by `host_plan_decode`, waiting for the step that adopts it
+    (`adopt_plan`). A pytree: pass it to the jitted step as an argument.
+
+    `expected` (numpy int32 [2B + 2]): the planned `kv_page_indptr` [B + 1], `kv_last_page_len`
+    [B] and the plan's sequence number, so the step can check on the device that it adopted this
+    plan for this batch.
+    """
+
+    def __init__(self, expected, meta: _PlanMeta):
+        self.expected = expected
+        self.meta = meta
+
+    def tree_flatten(self):
+        return (self.expected,), self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(children[0], meta)
+
+    @property
+    def batch_size(self) -> int:
+        return (self.expected.shape[0] - 2) // 2
+
+    def __repr__(self):
+        return f"HostPlan(batch_size={self.batch_size}, backend={self.meta.backend!r})"
+
+
+def decode_layout_from_lens(config: CacheConfig, seq_lens) -> tuple[np.ndarray, np.ndarray]:
+    """numpy (kv_page_indptr int32[B + 1], kv_last_page_len int32[B]) of a decode batch whose
+    request b holds `seq_lens[b]` tokens (0: a padding row): what `pack_for_flashinfer` gives."""
+    lens = np.asarray(seq_lens, np.int64)
+    pages = -(-lens // config.page_size)
+    indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    lpl = np.where(pages > 0, lens - (pages - 1) * config.page_size, 0).astype(np.int32)
+    return indptr, lpl
+
+
+def host_plan_decode(config: CacheConfig, seq_lens, num_qo_heads: int, *, q_dtype=None,
+                     sm_scale=None, logits_soft_cap=0.0, window_left=-1, pos_encoding_mode="NONE",
+                     rope_scale=1.0, rope_theta=1e4, backend="auto", decode_kernel="auto",
+                     slot: int = 0) -> HostPlan:
+    """Plan a decode step on the host, before dispatching it (call outside `jax.jit`).
+
+    A plan made inside the step (`plan_decode`) must read the step's lengths back from the GPU,
+    which waits for the previous step to finish and leaves the GPU idle while FlashInfer plans.
+    A scheduler that knows the lengths on the host plans here instead, while the GPU still runs
+    the previous step; the step then adopts the plan (`adopt_plan`) without any host sync.
+
+    Args:
+      seq_lens: int [B], host data (numpy / list): request b's length in this step, after the
+        step's `allocate_decoding` (its new token included); 0 for a padding row. Row b must be
+        the step's `pack_for_flashinfer(state, seq_ids)` row b.
+      num_qo_heads, q_dtype, ..., slot: as in `plan_decode`; later `batch_decode` calls must pass
+        the same logits_soft_cap / window_left / pos_encoding_mode.
+    Returns a `HostPlan`. Plans are adopted in the order they were made, one per step (per plan
+    shape); at most `HOST_PLAN_DEPTH` (6) may wait. With the reference backend nothing is planned
+    and the plan only carries the lengths for the check.
+    """
+    if isinstance(seq_lens, jax.core.Tracer):
+        raise ValueError("host_plan_decode: seq_lens must be host data (numpy); it runs outside "
+                         "jax.jit, before the step (inside a step use plan_decode)")
+    lens = np.asarray(seq_lens)
+    if lens.ndim != 1 or lens.shape[0] < 1 or not np.issubdtype(lens.dtype, np.integer):
+        raise ValueError(f"host_plan_decode: seq_lens must be a 1-D integer array with one entry "
+                         f"per request, got shape {lens.shape} dtype {lens.dtype}")
+    cap = config.max_pages_per_seq * config.page_size
+    if lens.min() < 0 or lens.max() > cap:
+        raise ValueError(f"host_plan_decode: seq_lens must be in [0, max_pages_per_seq * page_size "
+                         f"= {cap}], got min {lens.min()} max {lens.max()}")
+    b = int(lens.shape[0])
+    opts = (q_dtype if q_dtype is None else jnp.dtype(q_dtype).name, sm_scale, logits_soft_cap,
+            window_left, pos_encoding_mode, rope_scale, rope_theta, backend, decode_kernel, slot)
+    try:   # this runs every step on the host: the checks and the PlanKey are cached
+        meta = _host_decode_meta(config, b, num_qo_heads, opts, BRIDGE, _PROVIDER)
+    except TypeError:   # an unhashable option: let the checks name it
+        meta = _host_decode_meta.__wrapped__(config, b, num_qo_heads, opts, BRIDGE, _PROVIDER)
+    indptr, lpl = decode_layout_from_lens(config, lens)
+    seq = 0
+    if meta.backend == "flashinfer":
+        seq = bridge_module("ops").host_plan(meta.key, {"indptr": indptr, "lpl": lpl},
+                                             append_rows=None)
+    # numpy: jit moves it to the device with the step's other arguments (no separate transfer)
+    expected = np.concatenate([indptr, lpl, np.asarray([seq], np.int32)])
+    return HostPlan(expected, meta)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_decode_meta(config, b, num_qo_heads, opts, bridge, provider):
+    del bridge, provider   # cache key only: they change the PlanKey
+    (q_dtype, sm_scale, logits_soft_cap, window_left, pos_encoding_mode, rope_scale, rope_theta,
+     backend, decode_kernel, slot) = opts
+    return _decode_plan_meta("host_plan_decode", config, b, num_qo_heads, q_dtype=q_dtype,
+                             sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                             window_left=window_left, pos_encoding_mode=pos_encoding_mode,
+                             rope_scale=rope_scale, rope_theta=rope_theta, backend=backend,
+                             decode_kernel=decode_kernel, slot=slot, host=True)
+
+
+def discard_host_plans() -> int:
+    """Drop the host plans that still wait for a step (e.g. after a step raised before running):
+    the next step then adopts the next plan made. Returns how many were dropped."""
+    if "seqattn_jax.bridge.ops" not in sys.modules:
+        return 0
+    return bridge_module("ops").discard_host_plans()
+
+
+def adopt_plan(host_plan: HostPlan, packed: PackedBatch) -> AttentionPlan:
+    """Inside the jitted step: the decode plan for `packed`, taken from `host_plan` (made by
+    `host_plan_decode` before the step) with no host sync. Use it like `plan_decode`'s result;
+    `plan.ok` is False when `packed` is not the batch the host planned (or the step adopted
+    another host plan): return it from the step and check it (`checked.check_plan`)."""
+    if not isinstance(host_plan, HostPlan):
+        raise ValueError(f"adopt_plan: host_plan must be a HostPlan (from host_plan_decode), got "
+                         f"{type(host_plan).__name__}")
+    _check_packed("adopt_plan: packed", packed)
+    b = host_plan.batch_size
+    if packed.batch_size != b or packed.num_token_rows != b:
+        raise ValueError(f"adopt_plan: the host plan is for a decode batch of {b} requests; packed "
+                         f"has {packed.batch_size} requests and {packed.num_token_rows} rows")
+    exp = host_plan.expected
+    ok = jnp.all(packed.kv_page_indptr == exp[:b + 1]) & \
+        jnp.all(packed.kv_last_page_len == exp[b + 1:2 * b + 1])
+    meta = host_plan.meta
+    if meta.backend == "reference":
+        return AttentionPlan(None, meta, ok)
+    token = bridge_module("ops").adopt(meta.key)
+    return AttentionPlan(token, meta, ok & (token[0] == exp[2 * b + 1]))
 
 
 def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, causal=True,
@@ -693,9 +853,13 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
         if plan is None or plan.backend != "flashinfer":
             raise ValueError("append_kv: impl='flashinfer' needs a FlashInfer plan of this batch "
                              "(plan_decode / plan_prefill / plan_pod with backend != 'reference')")
+        if plan.meta.host:
+            raise ValueError("append_kv: impl='flashinfer' needs a plan made from the packed batch "
+                             "(plan_decode), not a host plan (adopt_plan): use impl='scatter'")
         use_fi = True
     elif impl == "auto" and plan is not None and plan.backend == "flashinfer" and \
-            backend != "reference" and plan.meta.kind in ("decode", "prefill", "pod"):
+            backend != "reference" and plan.meta.kind in ("decode", "prefill", "pod") and \
+            not plan.meta.host:
         use_fi = DEFAULT_APPEND_IMPL["ffi" if plan.meta.key.ffi else "callback"] == "flashinfer"
     if not use_fi:
         return kv_mod.append_kv(config, kv, keys, values, packed, layer=layer)

@@ -99,5 +99,13 @@ def pack_for_flashinfer(state: st.CacheState, seq_ids, new_lens=None, *, max_tok
     return out
 
 
-__all__ = ["Status", "allocate", "allocate_decoding", "check_status", "fork", "pack_for_flashinfer",
-           "ref", "release", "share_prefix", "truncate", "unref"]
+def check_plan(plan) -> None:
+    """`checkify.check` that an adopted host plan (`attention.adopt_plan`) matched the step's
+    packed batch; call inside a jitted step wrapped with `checkify.checkify`."""
+    checkify.check(plan.ok, "adopt_plan: the host plan does not match the step's packed batch "
+                   "(its seq_lens differ from the batch's lengths, or the step adopted a plan made "
+                   "for another step)")
+
+
+__all__ = ["Status", "allocate", "allocate_decoding", "check_plan", "check_status", "fork",
+           "pack_for_flashinfer", "ref", "release", "share_prefix", "truncate", "unref"]

@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import attention, reference  # noqa: E402
 from seqattn_jax.config import CacheConfig  # noqa: E402
 from seqattn_jax.kv import append_kv as scatter_append  # noqa: E402
@@ -410,9 +411,11 @@ def test_ffi_shim_assembles_views_and_constants():
 
     fn_id = ffi.register_function(tvm_ffi.convert(fn))
     ws = torch.zeros(64, dtype=torch.uint8)
-    tvm_ffi.get_global_func("seqattn.fi_plan_set")(12345, tvm_ffi.convert([11, 12]), 3)
+    tvm_ffi.get_global_func("seqattn.fi_plan_set")(12345, tvm_ffi.convert([11, 12]), 3,
+                                                      ws.data_ptr(), ws.numel())
     p = (ffi.Program(2, 1).raw(ws, ffi.RAW_U8).plan(12345).inp(0).k(1).v(1).out(0).none()
-         .int_(7).float_(2.5).bool_(True).kv_pages("v", 1, 1, 1).rows(0, 12345))
+         .int_(7).float_(2.5).bool_(True).kv_pages("v", 1, 1, 1).rows(0, 12345)
+         .plan_ws(12345))
     cpu = jax.devices("cpu")[0]
     kv = jax.device_put(jnp.arange(2 * 2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 2, 3, 4, 5),
                         cpu)
@@ -432,3 +435,118 @@ def test_ffi_shim_assembles_views_and_constants():
     assert a[10][:2] == ((1, 3, 4, 5), (120, 20, 5, 1))
     assert a[10][2] - a[3][2] == (2 * 60 + 60) * 4
     assert a[11][:2] == ((3, 5), (5, 1))      # rows of input 0 cut to the published 3 rows
+    assert a[12] == a[0]                       # the published plan's int workspace
+
+
+# ----------------------------------------------------------------------------------------------
+# host plans: planned on the host before the step, adopted inside it (no stream sync)
+
+
+def _host_plan_step(cfg, hq, seq_ids, use_scan):
+    def step(state, kv, q, k, hp):
+        state, ok = sj.allocate_decoding(state, seq_ids)
+        packed = sj.pack_for_flashinfer(state, seq_ids)
+        plan = attention.adopt_plan(hp, packed)
+
+        def layer_fn(kv, layer):
+            kv = attention.append_kv(cfg, kv, k[layer], k[layer], packed, layer=layer, plan=plan)
+            out = attention.batch_decode(cfg, q[layer], kv, packed, layer=layer, plan=plan)
+            ref = reference.batch_decode(cfg, q[layer], kv, packed, layer=layer)
+            return kv, (out, ref)
+
+        if use_scan:
+            kv, (outs, refs) = jax.lax.scan(layer_fn, kv,
+                                            jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        else:
+            res = [None] * cfg.num_layers
+            for layer in range(cfg.num_layers):
+                kv, res[layer] = layer_fn(kv, layer)
+            outs, refs = (jnp.stack([r[i] for r in res]) for i in (0, 1))
+        return state, kv, outs, refs, ok & plan.ok
+
+    chex.clear_trace_counter()   # the counter is per function code: reset it for each test
+    return jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=(1,))
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
+def test_host_plans_drive_steps_like_device_plans(torch_backend, use_scan):
+    """12 steps (more than the ring of host-plan workspaces), a padding row in the middle: every
+    step adopts its own plan (ok), matches the reference and compiles once."""
+    cfg = make_config(num_layers=2)
+    state = sj.init_state(cfg)
+    state, ok = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([5, 1, 8], jnp.int32))
+    assert bool(ok.all())
+    seq_ids = jnp.asarray([0, -1, 1, 2], jnp.int32)
+    lens = np.asarray([5, 0, 1, 8])
+    rng = np.random.default_rng(7)
+    kv = rand(rng, cfg.kv_shape)
+    step = _host_plan_step(cfg, 4, seq_ids, use_scan)
+    for it in range(12):
+        lens = np.where(lens > 0, lens + 1, 0)
+        hp = attention.host_plan_decode(cfg, lens, 4, backend="flashinfer")
+        q, k = rand(rng, (2, 4, 4, 64)), rand(rng, (2, 4, 2, 64))
+        state, kv, outs, refs, ok = step(state, kv, q, k, hp)
+        assert bool(jnp.all(ok)), f"step {it}"
+        close(outs, refs)
+    assert attention.discard_host_plans() == 0
+
+
+def test_host_plan_mismatch_desync_and_limits(torch_backend):
+    cfg = make_config(num_layers=1)
+    state = sj.init_state(cfg)
+    state, _ = sj.allocate(state, jnp.arange(2, dtype=jnp.int32), jnp.asarray([6, 3], jnp.int32))
+    seq_ids = jnp.asarray([0, 1], jnp.int32)
+    rng = np.random.default_rng(8)
+    kv = rand(rng, cfg.kv_shape)
+    step = _host_plan_step(cfg, 4, seq_ids, False)
+    q, k = rand(rng, (1, 2, 4, 64)), rand(rng, (1, 2, 2, 64))
+    # lengths that are not the step's: flagged
+    hp = attention.host_plan_decode(cfg, [7, 5], 4, backend="flashinfer")
+    state, kv, _, _, ok = step(state, kv, q, k, hp)
+    assert not bool(jnp.all(ok))
+    # two plans queued, the step passes the second: it adopted the first, and says so
+    attention.host_plan_decode(cfg, [8, 5], 4, backend="flashinfer")
+    hp_b = attention.host_plan_decode(cfg, [8, 5], 4, backend="flashinfer")
+    state, kv, _, _, ok = step(state, kv, q, k, hp_b)
+    assert not bool(jnp.all(ok))
+    assert attention.discard_host_plans() == 1
+    hp = attention.host_plan_decode(cfg, [9, 6], 4, backend="flashinfer")
+    state, kv, outs, refs, ok = step(state, kv, q, k, hp)
+    assert bool(jnp.all(ok))
+    close(outs, refs)
+    # at most HOST_PLAN_DEPTH plans wait
+    for _ in range(ops.HOST_PLAN_DEPTH):
+        attention.host_plan_decode(cfg, [10, 7], 4, backend="flashinfer")
+    with pytest.raises(RuntimeError, match="host plans"):
+        attention.host_plan_decode(cfg, [10, 7], 4, backend="flashinfer")
+    assert attention.discard_host_plans() == ops.HOST_PLAN_DEPTH
+    # a step with no plan queued fails loudly instead of reusing a stale plan
+    with pytest.raises(Exception, match="none is queued"):
+        jax.block_until_ready(step(state, kv, q, k, hp))
+
+
+def test_host_plan_argument_errors(torch_backend):
+    cfg = make_config(num_layers=1)
+    with pytest.raises(ValueError, match="seq_lens must be a 1-D integer"):
+        attention.host_plan_decode(cfg, [[1, 2]], 4, backend="flashinfer")
+    with pytest.raises(ValueError, match="seq_lens must be a 1-D integer"):
+        attention.host_plan_decode(cfg, [1.5, 2.0], 4, backend="flashinfer")
+    with pytest.raises(ValueError, match=r"seq_lens must be in \[0, max_pages_per_seq"):
+        attention.host_plan_decode(cfg, [1, 33], 4, backend="flashinfer")
+    with pytest.raises(ValueError, match="seq_lens must be host data"):
+        jax.jit(lambda x: attention.host_plan_decode(cfg, x, 4))(jnp.ones(2, jnp.int32))
+    hp = attention.host_plan_decode(cfg, [3, 0], 4, backend="flashinfer")
+    state = sj.init_state(cfg)
+    state, _ = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([3, 1, 1], jnp.int32))
+    packed3 = sj.pack_for_flashinfer(state, jnp.arange(3, dtype=jnp.int32))
+    with pytest.raises(ValueError, match="decode batch of 2 requests"):
+        attention.adopt_plan(hp, packed3)
+    with pytest.raises(ValueError, match="host_plan must be a HostPlan"):
+        attention.adopt_plan(None, packed3)
+    packed = sj.pack_for_flashinfer(state, jnp.asarray([0, -1], jnp.int32))
+    kv = sj.init_kv(cfg)
+    with pytest.raises(ValueError, match="not a host plan"):
+        jax.jit(lambda kv, hp: attention.append_kv(
+            cfg, kv, jnp.zeros((2, 2, 64), kv.dtype), jnp.zeros((2, 2, 64), kv.dtype), packed,
+            plan=attention.adopt_plan(hp, packed), impl="flashinfer"))(kv, hp)
+    attention.discard_host_plans()

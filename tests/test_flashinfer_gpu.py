@@ -282,13 +282,20 @@ def test_append_in_place(layout, impl):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
 
 
-def _decode_step(cfg, use_scan, backend, append_impl="auto"):
-    """allocate_decoding -> pack -> plan -> per layer (append_kv + batch_decode), one jit."""
+def _decode_step(cfg, use_scan, backend, append_impl="auto", planning="device",
+                 decode_kernel="auto"):
+    """allocate_decoding -> pack -> plan -> per layer (append_kv + batch_decode), one jit.
+    planning "device": plan_decode inside the step; "host": adopt the step's HostPlan (`hp`)."""
 
-    def step(state, kv, seq_ids, q, k, v):
+    def step(state, kv, seq_ids, q, k, v, hp=None):
         state, ok = sj.allocate_decoding(state, seq_ids)
         packed = sj.pack_for_flashinfer(state, seq_ids)
-        plan = attention.plan_decode(cfg, packed, HQ, backend=backend)
+        if planning == "host":
+            plan = attention.adopt_plan(hp, packed)
+            ok = ok & plan.ok
+        else:
+            plan = attention.plan_decode(cfg, packed, HQ, backend=backend,
+                                         decode_kernel=decode_kernel)
 
         def layer_fn(kv, layer):
             kv = attention.append_kv(cfg, kv, k[layer], v[layer], packed, layer=layer, plan=plan,
@@ -334,3 +341,70 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
         close(outs, ref_outs)
         np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
     assert step._cache_size() == 1, "the step retraced"
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
+def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
+    """Host plans (made before each step, adopted with no sync) over 12 steps: more steps than
+    the ring of workspaces, with a padding row; every step matches the reference step."""
+    cfg = cfg_(num_layers=3, num_pages=160, max_pages=16)
+    rng = np.random.default_rng(21)
+    state = sj.init_state(cfg)
+    ids = jnp.arange(5, dtype=jnp.int32)
+    lens0 = np.asarray([30, 15, 1, 64, 47])
+    state, ok = sj.allocate(state, ids, jnp.asarray(lens0, jnp.int32))
+    assert bool(ok.all())
+    kv = rand(rng, cfg.kv_shape)
+    seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
+    host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
+    step = _decode_step(cfg, use_scan, "flashinfer", "scatter", planning="host")
+    ref_step = _decode_step(cfg, use_scan, "reference")
+    ref_state, ref_kv = state, kv + 0
+    for it in range(12):
+        host_lens = np.where(host_lens > 0, host_lens + 1, 0)
+        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend="flashinfer",
+                                        decode_kernel=kernel)
+        q = rand(rng, (cfg.num_layers, 6, HQ, D))
+        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
+        ptr = kv.unsafe_buffer_pointer()
+        state, kv, outs, ok = step(state, kv, seq_ids, q, k, v, hp)
+        ref_state, ref_kv, ref_outs, _ = ref_step(ref_state, ref_kv, seq_ids, q, k, v)
+        assert bool(ok.all()), f"step {it}: the host plan did not match"
+        assert kv.unsafe_buffer_pointer() == ptr, "the KV pool was copied"
+        close(outs, ref_outs)
+        np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
+    assert step._cache_size() == 1, "the step retraced"
+
+
+def test_host_plan_mismatch_is_flagged_and_the_queue_recovers(bridge):
+    cfg = cfg_(num_layers=2, num_pages=128)
+    rng = np.random.default_rng(22)
+    state = sj.init_state(cfg)
+    ids = jnp.arange(3, dtype=jnp.int32)
+    state, _ = sj.allocate(state, ids, jnp.asarray([40, 9, 77], jnp.int32))
+    kv = rand(rng, cfg.kv_shape)
+    step = _decode_step(cfg, False, "flashinfer", "scatter", planning="host")
+    ref_step = _decode_step(cfg, False, "reference")
+    q = rand(rng, (cfg.num_layers, 3, HQ, D))
+    k = rand(rng, (cfg.num_layers, 3, HKV, D))
+    lens = np.asarray([41, 10, 78])
+    # wrong lengths: flagged (the pool is still written correctly: append uses the device batch)
+    hp = attention.host_plan_decode(cfg, lens + 20, HQ, backend="flashinfer")
+    state2, kv2, _, ok = step(state, kv + 0, ids, q, k, k, hp)
+    ref_state, ref_kv, _, _ = ref_step(state, kv + 0, ids, q, k, k)
+    assert not bool(ok.all())
+    np.testing.assert_array_equal(np.asarray(kv2, np.float32), np.asarray(ref_kv, np.float32))
+    # two plans queued for one step: the step adopts the older one and says so
+    hp_a = attention.host_plan_decode(cfg, lens + 1, HQ, backend="flashinfer")
+    hp_b = attention.host_plan_decode(cfg, lens + 1, HQ, backend="flashinfer")
+    state3, kv3, _, ok = step(state2, kv2, ids, q, k, k, hp_b)
+    assert not bool(ok.all())
+    assert attention.discard_host_plans() == 1
+    del hp_a
+    hp = attention.host_plan_decode(cfg, lens + 2, HQ, backend="flashinfer")
+    _, _, outs, ok = step(state3, kv3, ids, q, k, k, hp)
+    assert bool(ok.all())
+    r_state, r_kv, _, _ = ref_step(ref_state, ref_kv, ids, q, k, k)
+    _, _, ref_outs, _ = ref_step(r_state, r_kv, ids, q, k, k)
+    close(outs, ref_outs)
