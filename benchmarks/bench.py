@@ -293,11 +293,14 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
     key = jax.random.PRNGKey(3)
     q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
     kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
+    kk2 = jnp.stack([kk, kk], axis=2)           # the same K/V rows, stacked [L, B, 2, Hkv, D]
 
-    def make_step(use_scan, append_impl, planning, layers=num_layers):
+    def make_step(use_scan, append_impl, planning, layers=num_layers, stacked=False):
         """One decode step: allocate_decoding -> pack -> plan -> `layers` x (append + decode).
         planning "device": plan_decode inside the step (reads the lengths back: a stream sync);
-        "host": adopt the HostPlan made on the host before the step (no sync)."""
+        "host": adopt the HostPlan made on the host before the step (no sync). stacked: K/V rows
+        reach append_kv stacked ([T, 2, Hkv, D], as a fused KV projection gives them) rather than
+        as two arrays (which costs a copy per layer)."""
         def step(state, kv, hp):
             state, ok = sj.allocate_decoding(state, seq_ids)
             packed = sj.pack_for_flashinfer(state, seq_ids)
@@ -308,8 +311,12 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
 
             def layer(carry, l):
                 kv, x = carry
-                kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan,
-                                         impl=append_impl)
+                if stacked:
+                    kv = attention.append_kv(cfg, kv, kk2[l], None, packed, layer=l, plan=plan,
+                                             impl=append_impl)
+                else:
+                    kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan,
+                                             impl=append_impl)
                 o = attention.batch_decode(cfg, q[l] + x, kv, packed, layer=l, plan=plan)
                 return (kv, o), None
 
@@ -357,17 +364,20 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
         del kv
         return statistics.median(ts), same, all_ok
 
-    variants = [("ffi", False, "scatter", "device"), ("ffi", False, "scatter", "host"),
-                ("ffi", True, "scatter", "device"), ("ffi", True, "scatter", "host"),
-                ("ffi", False, "flashinfer", "device"),
-                ("callback", False, "scatter", "device"), ("callback", False, "scatter", "host")]
-    for bridge, use_scan, append_impl, planning in variants:
+    variants = [("ffi", False, "scatter", "device", False), ("ffi", False, "scatter", "host", False),
+                ("ffi", True, "scatter", "device", False), ("ffi", True, "scatter", "host", False),
+                ("ffi", False, "scatter", "host", True), ("ffi", True, "scatter", "host", True),
+                ("ffi", False, "flashinfer", "device", False),
+                ("callback", False, "scatter", "device", False),
+                ("callback", False, "scatter", "host", False)]
+    for bridge, use_scan, append_impl, planning, stacked in variants:
         attention.BRIDGE = bridge
         if bridge == "ffi" and not attention.bridge_module("ffi").available():
             continue
         name = (f"jax_{bridge}_{'scan' if use_scan else 'loop'}_{append_impl}_append"
-                f"_{planning}_plan")
-        t, same, ok = run_steps(make_step(use_scan, append_impl, planning), planning)
+                f"{'_stacked' if stacked else ''}_{planning}_plan")
+        t, same, ok = run_steps(make_step(use_scan, append_impl, planning, stacked=stacked),
+                                planning)
         res[name], res[name + "_no_copy"], res[name + "_plans_ok"] = t, same, ok
         log(f"  {name}: {t * 1e3:.3f} ms/step (pool not copied: {same}; plans matched: {ok})")
     attention.BRIDGE = "ffi" if attention.bridge_module("ffi").available() else "callback"

@@ -50,6 +50,8 @@ def main(src=HERE / "results" / "bench_h200.json", dst=None):
     ax = axes[1]
     s = r["step"]
     items = [("torch_eager", "torch eager"), ("torch_cuda_graph", "torch CUDA graph"),
+             ("jax_ffi_loop_scatter_append_stacked_host_plan", "jit FFI, loop, host plan, KV stacked"),
+             ("jax_ffi_scan_scatter_append_stacked_host_plan", "jit FFI, scan, host plan, KV stacked"),
              ("jax_ffi_loop_scatter_append_host_plan", "jit FFI, loop, host plan"),
              ("jax_ffi_scan_scatter_append_host_plan", "jit FFI, scan, host plan"),
              ("jax_ffi_loop_scatter_append_device_plan", "jit FFI, loop, device plan"),

@@ -833,8 +833,9 @@ def batch_pod(config: CacheConfig, q_p, packed_p: PackedBatch, q_d, packed_d: Pa
 
 def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, layer=0,
               backend="auto", plan: AttentionPlan | None = None, impl="auto"):
-    """Write each token row's K/V into the pool (`seqattn_jax.kv.append_kv`'s contract); in place
-    when the caller donates `kv` to its `jax.jit`.
+    """Write each token row's K/V into the pool (`seqattn_jax.kv.append_kv`'s contract, including
+    `values=None` with stacked [T, 2, Hkv, D] rows in `keys`); in place when the caller donates
+    `kv` to its `jax.jit`.
 
     impl: "scatter" (the JAX scatter of `seqattn_jax.kv`, any backend), "flashinfer"
     (FlashInfer's append kernel, as an XLA FFI call or a buffer_callback like the plan's runs,
@@ -867,11 +868,9 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
         raise ValueError(f"append_kv: impl='flashinfer' needs a decode / prefill / pod plan, got "
                          f"{plan.meta.kind!r}")
     kv_mod.check_pool(config, kv, "append_kv")
-    want = (packed.num_token_rows, config.num_kv_heads, config.head_dim)
-    for name, x in (("keys", keys), ("values", values)):
-        if tuple(x.shape) != want:
-            raise ValueError(f"append_kv: {name} must have shape [T, num_kv_heads, head_dim] = "
-                             f"{want}, got {tuple(x.shape)}")
+    kv_mod.check_rows(config, packed, keys, values, "append_kv")
+    if values is None:   # stacked rows: FlashInfer's kernel takes K and V apart
+        keys, values = keys[:, 0], keys[:, 1]
     key = plan.meta.key
     if packed.num_token_rows != (key.num_rows if key.kind == "prefill" else key.batch_size):
         raise ValueError("append_kv: packed does not match the plan's batch")

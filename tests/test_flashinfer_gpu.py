@@ -280,6 +280,12 @@ def test_append_in_place(layout, impl):
     out = jstep(kv2, keys, vals, packed)
     assert out.unsafe_buffer_pointer() == ptr, "the pool was copied"
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    # stacked K/V rows (values=None) give the same pool
+    stacked = jax.jit(lambda kv, kvr, packed: attention.append_kv(
+        cfg, kv, kvr, None, packed, layer=1,
+        plan=attention.plan_decode(cfg, packed, HQ, backend="flashinfer"), impl=impl),
+        donate_argnums=0)(kv + 0, jnp.stack([keys, vals], 1), packed)
+    np.testing.assert_array_equal(np.asarray(stacked, np.float32), np.asarray(want, np.float32))
 
 
 def _decode_step(cfg, use_scan, backend, append_impl="auto", planning="device",

@@ -108,6 +108,14 @@ def test_append_kv_writes_true_positions_per_layer(layout):
             else:
                 want[page, 0, :, pos % 4], want[page, 1, :, pos % 4] = k[row0 + j], v[row0 + j]
     np.testing.assert_array_equal(np.asarray(kv), want)  # NaN where nothing was written, too
+    # the stacked form (values=None, keys = [T, 2, Hkv, D]) writes exactly the same
+    kvs = sj.append_kv(cfg, jnp.asarray(kv0), jnp.stack([jnp.asarray(k), jnp.asarray(v)], 1), None,
+                       packed, layer=2)
+    np.testing.assert_array_equal(np.asarray(kvs), want)
+    with pytest.raises(ValueError, match=r"with values=None, keys must be the stacked K/V rows"):
+        sj.append_kv(cfg, jnp.asarray(kv0), jnp.asarray(k), None, packed, layer=2)
+    with pytest.raises(ValueError, match=r"values must have shape \[T, num_kv_heads, head_dim\]"):
+        sj.append_kv(cfg, jnp.asarray(kv0), jnp.asarray(k), jnp.asarray(v[:, :2]), packed)
 
 
 def _ptr(x):
