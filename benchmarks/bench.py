@@ -66,7 +66,7 @@ def time_jax(fn, args, n_inner, repeats=5):
     return statistics.median(ts)
 
 
-def time_jax_marginal(build, args, n1=10, n2=60, repeats=5):
+def time_jax_marginal(build, args, n1=20, n2=220, repeats=9):
     """Seconds per call from two jitted programs of n1 and n2 chained calls: the difference
     cancels each program's fixed cost (dispatch, the plan callback's stream sync and host plan)."""
     t1 = time_jax(build(n1), args, 1, repeats)
@@ -398,7 +398,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
         attention.discard_host_plans()
     res["host_plan_decode_host_s"] = (time.perf_counter() - t0) / 200
     log(f"  host_plan_decode on the host: {res['host_plan_decode_host_s'] * 1e6:.1f} us/call")
-    # one layer (append + q add + decode) inside a jitted program, marginal over 8 -> 32 layers:
+    # one layer (append + q add + decode) inside a jitted program, marginal over 8 -> 104 layers:
     # compare with torch's layers / num_layers below
     packed0 = sj.pack_for_flashinfer(state0, seq_ids)
 
@@ -415,7 +415,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
         return jax.jit(many, donate_argnums=0)
 
     kvx, t = kv0 + 0, []
-    for n in (8, 32):
+    for n in (8, 104):
         f = build_layers(n)
         kvx, x = f(kvx, packed0)
         jax.block_until_ready(x)
@@ -427,7 +427,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
             ts.append(time.perf_counter() - t0)
         t.append(statistics.median(ts))
     del kvx
-    res["jax_ffi_layer_marginal"] = (t[1] - t[0]) / 24
+    res["jax_ffi_layer_marginal"] = (t[1] - t[0]) / 96
     log(f"  one layer in jit (marginal): {res['jax_ffi_layer_marginal'] * 1e6:.1f} us")
     attention.BRIDGE = "auto"
 
@@ -510,7 +510,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
 
 def bench_layers(bs=64, ctx=1024, num_layers=32):
     """Where a layer's time goes: decode alone, + the q add, + the K/V append (each way), as the
-    marginal cost per layer inside one jitted program (8 -> 32 layers), beside torch eager."""
+    marginal cost per layer inside one jitted program (8 -> 104 layers), beside torch eager."""
     import flashinfer
     import torch
 
@@ -574,20 +574,21 @@ def bench_layers(bs=64, ctx=1024, num_layers=32):
         return jax.jit(many, donate_argnums=0)
 
     kvx = kv0 + 0
+    n1, n2 = 8, 104          # marginal over 96 layers: wall-clock noise / 96 per layer
     for label, names in combos.items():
         t = []
-        for n in (8, 32):
+        for n in (n1, n2):
             f = build(names, n)
             kvx, x = f(kvx, packed)
             jax.block_until_ready(x)
             ts = []
-            for _ in range(7):
+            for _ in range(11):
                 t0 = time.perf_counter()
                 kvx, x = f(kvx, packed)
                 jax.block_until_ready(x)
                 ts.append(time.perf_counter() - t0)
             t.append(statistics.median(ts))
-        res["jax_" + label] = (t[1] - t[0]) / 24
+        res["jax_" + label] = (t[1] - t[0]) / (n2 - n1)
         log(f"  jit {label}: {res['jax_' + label] * 1e6:.1f} us/layer")
     del kvx
 
@@ -635,6 +636,51 @@ def bench_layers(bs=64, ctx=1024, num_layers=32):
                       ("append", t_append), ("layer", t_layer)):
         res["torch_" + label] = time_torch(fn, 10) / num_layers
         log(f"  torch eager {label}: {res['torch_' + label] * 1e6:.1f} us/layer")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# host cost: the same layer on a problem too small to keep the GPU busy
+
+
+def bench_host(num_layers=32):
+    """Host time per layer (append + q add + decode, FFI bridge) and per step head: the layer
+    benchmark of `bench_layers` on bs 1 / ctx 16, where the GPU work is negligible, so a layer's
+    marginal wall time is what the host spends launching it. A step whose GPU time per layer is
+    close to this is bound by the host."""
+    res = {}
+    cfg, state0, kv0 = make_decode_problem(1, 16, num_layers=num_layers, extra_tokens=16)
+    seq_ids = jnp.zeros((1,), jnp.int32)
+    state, _ = sj.allocate_decoding(state0, seq_ids)
+    packed = sj.pack_for_flashinfer(state, seq_ids)
+    q = jnp.zeros((num_layers, 1, HQ, D), DT)
+    kk = jnp.zeros((num_layers, 1, 2, HKV, D), DT)
+
+    def build(n):
+        def many(kv, packed_):
+            plan = attention.plan_decode(cfg, packed_, HQ, backend="flashinfer")
+            x = q[0]
+            for i in range(n):
+                l = i % num_layers
+                kv = attention.append_kv(cfg, kv, kk[l], None, packed_, layer=l, plan=plan)
+                x = attention.batch_decode(cfg, q[l] + x, kv, packed_, layer=l, plan=plan)
+            return kv, x
+        return jax.jit(many, donate_argnums=0)
+
+    kvx, t = kv0 + 0, []
+    for n in (8, 104):
+        f = build(n)
+        kvx, x = f(kvx, packed)
+        jax.block_until_ready(x)
+        ts = []
+        for _ in range(11):
+            t0 = time.perf_counter()
+            kvx, x = f(kvx, packed)
+            jax.block_until_ready(x)
+            ts.append(time.perf_counter() - t0)
+        t.append(statistics.median(ts))
+    res["host_per_layer"] = (t[1] - t[0]) / 96
+    log(f"  host time per layer (bs 1, ctx 16): {res['host_per_layer'] * 1e6:.1f} us")
     return res
 
 
@@ -787,7 +833,8 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", nargs="+", choices=["all", "copy", "kernel", "step", "pod", "layers"])
+    ap.add_argument("what", nargs="+", choices=["all", "copy", "kernel", "step", "pod", "layers",
+                                                    "host"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     what = {"copy", "kernel", "step", "pod"} if "all" in args.what else set(args.what)
@@ -817,6 +864,9 @@ def main():
     if "layers" in what:
         log("== layers")
         results["layers"] = bench_layers()
+    if "host" in what:
+        log("== host")
+        results["host"] = bench_host()
     name = "_".join(sorted(what))
     path = out_dir / f"bench_{name}.json"
     path.write_text(json.dumps(results, indent=1))

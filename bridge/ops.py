@@ -271,19 +271,27 @@ def plan(key: PlanKey, *arrays: jax.Array) -> jax.Array:
 HOST_PLAN_DEPTH = 6      # host plans that may wait for their step, per slot
 _RING = HOST_PLAN_DEPTH + 2
 _RING_WS_BYTES = 1 << 20
+_EXPECTED_BYTES = 1 << 16          # the tail of each ring workspace: the plan's own lengths
+MAX_HOST_PLAN_ROWS = _EXPECTED_BYTES // 4   # int32 entries of `expected`
 
 
 class _RingEntry:
-    __slots__ = ("int_ws", "pinned", "copied", "released", "state", "plan_info", "append_rows",
-                 "empty_req", "seq")
+    __slots__ = ("int_ws", "pinned", "exp_dev", "exp_pinned", "copied", "released", "state",
+                 "plan_info", "append_rows", "empty_req", "seq", "expected")
 
     def __init__(self, device):
         self.int_ws = self.pinned = self.copied = self.released = None
+        self.exp_dev = self.exp_pinned = None
         if device is not None:
-            self.int_ws = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, device=device)
-            self.pinned = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, pin_memory=True)
+            ws = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, device=device)
+            pinned = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, pin_memory=True)
+            head = _RING_WS_BYTES - _EXPECTED_BYTES
+            # FlashInfer's schedule in the head; the plan's lengths (`expected`) in the tail
+            self.int_ws, self.pinned = ws[:head], pinned[:head]
+            self.exp_dev, self.exp_pinned = ws[head:].view(torch.int32), pinned[head:].view(torch.int32)
             self.copied = torch.cuda.Event()
             self.released = torch.cuda.Event()
+        self.expected = None
         self.state = "free"          # free | queued | current | retired
         self.plan_info = None
         self.append_rows = None
@@ -327,9 +335,16 @@ def _take_entry(slot: PlanSlot) -> _RingEntry:
     raise RuntimeError("seqattn_jax: no free host-plan workspace (internal error)")
 
 
-def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | None) -> int:
+def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | None,
+              expected: np.ndarray) -> int:
     """Plan `key` on the host from `arrays` (the `_meta_sections` of `key`, numpy int32) and queue
-    the plan for the next step that adopts this slot. Returns the plan's sequence number (int32)."""
+    the plan for the next step that adopts this slot. `expected` (int32, at most
+    MAX_HOST_PLAN_ROWS entries) travels with the plan to the device: the step that adopts the plan
+    gets it from `adopt`, so it checks the batch against the plan it really used. Returns the
+    plan's sequence number."""
+    expected = np.ascontiguousarray(expected, np.int32)
+    if expected.size > MAX_HOST_PLAN_ROWS:
+        raise ValueError(f"host plans take at most {(MAX_HOST_PLAN_ROWS - 2) // 2} requests")
     slot = get_slot(key)
     if len(slot.queue) >= HOST_PLAN_DEPTH:
         raise RuntimeError(
@@ -344,6 +359,9 @@ def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | No
         e.copied.synchronize()            # host-side: the last copy out of e.pinned is done
         with StreamScope(side):           # FlashInfer's schedule copy goes on the side stream
             e.plan_info = slot.provider.host_plan(slot, host, e.int_ws, e.pinned)
+            n = expected.size
+            e.exp_pinned[:n].copy_(torch.from_numpy(expected))
+            e.exp_dev[:n].copy_(e.exp_pinned[:n], non_blocking=True)
             e.copied.record(side)
     else:
         e.plan_info = slot.provider.host_plan(slot, host, None, None)
@@ -354,20 +372,25 @@ def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | No
         e.empty_req = torch.from_numpy(empty.astype(np.int64)) if empty.size else None
     slot.host_seq = (slot.host_seq + 1) & 0x7FFFFFFF
     e.seq, e.append_rows, e.state = slot.host_seq, append_rows, "queued"
+    e.expected = expected
     slot.queue.append(e)
     return e.seq
 
 
 def _adopt_callback(slot: PlanSlot):
-    def cb(ctx, token):
+    def cb(ctx, outs):
         stream = xla_stream(ctx)
         with StreamScope(stream):
             if not slot.queue:
                 raise RuntimeError(f"seqattn_jax: a step adopts a host plan of slot {slot.id} but "
                                    "none is queued: call the host plan before each step")
             e = slot.queue.popleft()
-            if stream is not None and e.copied is not None:
-                stream.wait_event(e.copied)
+            exp_out = as_torch(outs[1])
+            if e.exp_dev is not None:
+                stream.wait_event(e.copied)     # GPU-side: the schedule and lengths are there
+                exp_out.copy_(e.exp_dev[:exp_out.numel()], non_blocking=True)
+            else:                               # CPU (the torch test kernels)
+                exp_out.copy_(torch.from_numpy(e.expected))
             _retire_current(slot, stream)
             e.state, slot.current = "current", e
             slot.plan_info, slot.int_ws = e.plan_info, e.int_ws
@@ -376,7 +399,7 @@ def _adopt_callback(slot: PlanSlot):
             if slot.on_plan is not None:
                 slot.on_plan(slot)
             slot.num_plans += 1
-            as_torch(token).fill_(e.seq)
+            as_torch(outs[0]).fill_(e.seq)
 
     return cb
 
@@ -393,14 +416,16 @@ def discard_host_plans() -> int:
     return n
 
 
-def adopt(key: PlanKey) -> jax.Array:
+def adopt(key: PlanKey, n_expected: int) -> tuple[jax.Array, jax.Array]:
     """Inside the step: take the oldest host plan of `key` (no stream sync). Returns the token
-    (int32[1], holding the plan's sequence number once the step runs)."""
+    (int32[1], the plan's sequence number) and the plan's `expected` (int32[n_expected]), both
+    written on XLA's stream from the plan's ring entry."""
     slot = get_slot(key)
-    f = buffer_callback(_adopt_callback(slot), jax.ShapeDtypeStruct(TOKEN_SHAPE, jnp.int32),
+    f = buffer_callback(_adopt_callback(slot),
+                        (jax.ShapeDtypeStruct(TOKEN_SHAPE, jnp.int32),
+                         jax.ShapeDtypeStruct((n_expected,), jnp.int32)),
                         vmap_method=None)
     return f()
-
 
 # --------------------------------------------------------------------------------------------
 # padding fix-ups (run on XLA's stream inside the run callbacks)

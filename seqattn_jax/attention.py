@@ -385,25 +385,24 @@ class HostPlan:
     """A decode plan made on the host by `host_plan_decode`, waiting for the step that adopts it
     (`adopt_plan`). A pytree: pass it to the jitted step as an argument.
 
-    `expected` (numpy int32 [2B + 2]): the planned `kv_page_indptr` [B + 1], `kv_last_page_len`
-    [B] and the plan's sequence number, so the step can check on the device that it adopted this
-    plan for this batch.
+    With FlashInfer it holds no array: the plan itself (schedule and the lengths it was made for)
+    waits in the bridge and reaches the step through `adopt_plan`, with no host->device transfer
+    of the step's arguments (which would wait for the previous step). With the reference backend
+    `expected` (numpy int32 [2B + 1]: the planned `kv_page_indptr` and `kv_last_page_len`) is the
+    only content, for the same check.
     """
 
-    def __init__(self, expected, meta: _PlanMeta):
+    def __init__(self, expected, meta: _PlanMeta, batch_size: int):
         self.expected = expected
         self.meta = meta
+        self.batch_size = batch_size
 
     def tree_flatten(self):
-        return (self.expected,), self.meta
+        return (self.expected,), (self.meta, self.batch_size)
 
     @classmethod
-    def tree_unflatten(cls, meta, children):
-        return cls(children[0], meta)
-
-    @property
-    def batch_size(self) -> int:
-        return (self.expected.shape[0] - 2) // 2
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
 
     def __repr__(self):
         return f"HostPlan(batch_size={self.batch_size}, backend={self.meta.backend!r})"
@@ -459,13 +458,15 @@ def host_plan_decode(config: CacheConfig, seq_lens, num_qo_heads: int, *, q_dtyp
     except TypeError:   # an unhashable option: let the checks name it
         meta = _host_decode_meta.__wrapped__(config, b, num_qo_heads, opts, BRIDGE, _PROVIDER)
     indptr, lpl = decode_layout_from_lens(config, lens)
-    seq = 0
-    if meta.backend == "flashinfer":
-        seq = bridge_module("ops").host_plan(meta.key, {"indptr": indptr, "lpl": lpl},
-                                             append_rows=None)
-    # numpy: jit moves it to the device with the step's other arguments (no separate transfer)
-    expected = np.concatenate([indptr, lpl, np.asarray([seq], np.int32)])
-    return HostPlan(expected, meta)
+    expected = np.concatenate([indptr, lpl])
+    if meta.backend == "reference":
+        return HostPlan(expected, meta, b)
+    ops = bridge_module("ops")
+    if expected.size > ops.MAX_HOST_PLAN_ROWS:
+        raise ValueError(f"host_plan_decode: at most {(ops.MAX_HOST_PLAN_ROWS - 1) // 2} requests "
+                         f"per host plan, got {b}")
+    ops.host_plan(meta.key, {"indptr": indptr, "lpl": lpl}, append_rows=None, expected=expected)
+    return HostPlan(None, meta, b)
 
 
 @functools.lru_cache(maxsize=256)
@@ -489,10 +490,11 @@ def discard_host_plans() -> int:
 
 
 def adopt_plan(host_plan: HostPlan, packed: PackedBatch) -> AttentionPlan:
-    """Inside the jitted step: the decode plan for `packed`, taken from `host_plan` (made by
-    `host_plan_decode` before the step) with no host sync. Use it like `plan_decode`'s result;
-    `plan.ok` is False when `packed` is not the batch the host planned (or the step adopted
-    another host plan): return it from the step and check it (`checked.check_plan`)."""
+    """Inside the jitted step: the decode plan for `packed`, taken from the oldest host plan
+    waiting for this plan shape (made by `host_plan_decode` before the step) with no host sync.
+    Use it like `plan_decode`'s result. `plan.ok` is False when the plan the step adopted was made
+    for other lengths than `packed`'s (wrong `seq_lens`, or a plan left over from a step that never
+    ran: `discard_host_plans`): return it from the step and check it (`checked.check_plan`)."""
     if not isinstance(host_plan, HostPlan):
         raise ValueError(f"adopt_plan: host_plan must be a HostPlan (from host_plan_decode), got "
                          f"{type(host_plan).__name__}")
@@ -501,14 +503,14 @@ def adopt_plan(host_plan: HostPlan, packed: PackedBatch) -> AttentionPlan:
     if packed.batch_size != b or packed.num_token_rows != b:
         raise ValueError(f"adopt_plan: the host plan is for a decode batch of {b} requests; packed "
                          f"has {packed.batch_size} requests and {packed.num_token_rows} rows")
-    exp = host_plan.expected
-    ok = jnp.all(packed.kv_page_indptr == exp[:b + 1]) & \
-        jnp.all(packed.kv_last_page_len == exp[b + 1:2 * b + 1])
     meta = host_plan.meta
     if meta.backend == "reference":
-        return AttentionPlan(None, meta, ok)
-    token = bridge_module("ops").adopt(meta.key)
-    return AttentionPlan(token, meta, ok & (token[0] == exp[2 * b + 1]))
+        token, exp = None, host_plan.expected
+    else:
+        token, exp = bridge_module("ops").adopt(meta.key, 2 * b + 1)
+    ok = jnp.all(packed.kv_page_indptr == exp[:b + 1]) & \
+        jnp.all(packed.kv_last_page_len == exp[b + 1:2 * b + 1])
+    return AttentionPlan(token, meta, ok)
 
 
 def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, causal=True,

@@ -401,8 +401,8 @@ def test_host_plan_mismatch_is_flagged_and_the_queue_recovers(bridge):
     ref_state, ref_kv, _, _ = ref_step(state, kv + 0, ids, q, k, k)
     assert not bool(ok.all())
     np.testing.assert_array_equal(np.asarray(kv2, np.float32), np.asarray(ref_kv, np.float32))
-    # two plans queued for one step: the step adopts the older one and says so
-    hp_a = attention.host_plan_decode(cfg, lens + 1, HQ, backend="flashinfer")
+    # a plan left over from a step that never ran: the next step adopts it and says so
+    hp_a = attention.host_plan_decode(cfg, lens + 7, HQ, backend="flashinfer")
     hp_b = attention.host_plan_decode(cfg, lens + 1, HQ, backend="flashinfer")
     state3, kv3, _, ok = step(state2, kv2, ids, q, k, k, hp_b)
     assert not bool(ok.all())
