@@ -20,7 +20,8 @@ step's lengths). The per-step plan callback (a buffer_callback: the step's only 
 the buffer_callback path and publishes `plan_info` to the shim under the slot's integer id
 (`seqattn.fi_plan_set`); each FFI call names its slot in `prog` and reads the latest `plan_info`.
 XLA executes a program's thunks in order on one host thread, and every run takes the plan's token,
-so a step's runs read that step's plan. Because `plan_info` changes at run time, the FFI target is
+so a step's runs read that step's plan (and, through PLAN_WS, the int workspace holding its
+schedule: a host plan's ring entry, or the slot's own workspace). Because `plan_info` changes at run time, the FFI target is
 registered without `allow_cuda_graph` (XLA must call it every time rather than replay a capture).
 """
 

@@ -26,8 +26,13 @@ the work split, writes the schedule into an int workspace on the GPU and returns
    XLA's stream), an 8 MiB int workspace and 8 MiB pinned host buffer per slot, all allocated once.
    Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace time.
 
-FFI path (bridge/ffi.py): slots with `PlanKey.ffi` also publish `plan_info` (and the batch's real
-row count) to the C++ shim at the end of the plan callback; the FFI runs read them by slot id.
+5. Host plans (decode): `host_plan` plans on the host before the step from lengths the caller
+   knows, into a ring entry's own int workspace; `adopt` (a buffer_callback with no inputs) takes
+   it inside the step without any sync. See the "host plans" section below.
+
+FFI path (bridge/ffi.py): slots with `PlanKey.ffi` also publish `plan_info`, the int workspace it
+lives in and the batch's real row count to the C++ shim at the end of the plan (or adopt)
+callback; the FFI runs read them by slot id.
 
 The kernel provider is pluggable: `flashinfer` (GPU) or `torch` (a small torch implementation,
 used by the CPU tests to exercise the exact same callback/plan/alias mechanics).

@@ -15,6 +15,11 @@ Signatures mirror `seqattn_jax.reference` exactly, plus three keyword arguments:
     step and pass it to every layer, including inside a `lax.scan` over layers. Without `plan=`, a
     FlashInfer op plans for itself (one host sync per call: fine for one layer, slow for many).
     The reference backend ignores plans, so the same model code runs on both backends.
+    Host plans: a scheduler that knows the step's lengths on the host calls
+    `host_plan_decode(config, seq_lens, num_qo_heads)` before dispatching the step and passes the
+    `HostPlan` in; inside, `adopt_plan(host_plan, packed)` gives the step's plan with no host sync
+    (the GPU keeps running the previous step while the host plans). `plan.ok` says whether the
+    adopted plan was made for the packed batch's lengths; return it from the step.
   decode_kernel (plan_decode / batch_decode): "auto", "tensor_core" or "cuda_core". "auto" takes
     the tensor-core kernel (FlashInfer's FA2 prefill kernel with one query per request) for GQA
     group sizes >= 4 and the CUDA-core decode kernel below that (measured on Hopper: see
