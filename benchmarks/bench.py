@@ -24,6 +24,7 @@ graph replays. All on one GPU in one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -72,6 +73,24 @@ def time_jax_marginal(build, args, n1=20, n2=220, repeats=9):
     t1 = time_jax(build(n1), args, 1, repeats)
     t2 = time_jax(build(n2), args, 1, repeats)
     return (t2 - t1) / (n2 - n1), t2 / n2
+
+
+def time_layers_marginal(build, kv, packed, n1=8, n2=104, repeats=11):
+    """Seconds per layer: programs `build(n)` of n layers, `(kv, packed) -> (kv, x)` with the pool
+    donated, timed at n1 and n2 layers (median of `repeats`); returns (per layer, the pool)."""
+    t = []
+    for n in (n1, n2):
+        f = build(n)
+        kv, x = f(kv, packed)
+        jax.block_until_ready(x)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            kv, x = f(kv, packed)
+            jax.block_until_ready(x)
+            ts.append(time.perf_counter() - t0)
+        t.append(statistics.median(ts))
+    return (t[1] - t[0]) / (n2 - n1), kv
 
 
 def time_torch(fn, n_inner, repeats=5):
@@ -414,20 +433,8 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
             return kv, x
         return jax.jit(many, donate_argnums=0)
 
-    kvx, t = kv0 + 0, []
-    for n in (8, 104):
-        f = build_layers(n)
-        kvx, x = f(kvx, packed0)
-        jax.block_until_ready(x)
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            kvx, x = f(kvx, packed0)
-            jax.block_until_ready(x)
-            ts.append(time.perf_counter() - t0)
-        t.append(statistics.median(ts))
+    res["jax_ffi_layer_marginal"], kvx = time_layers_marginal(build_layers, kv0 + 0, packed0)
     del kvx
-    res["jax_ffi_layer_marginal"] = (t[1] - t[0]) / 96
     log(f"  one layer in jit (marginal): {res['jax_ffi_layer_marginal'] * 1e6:.1f} us")
     attention.BRIDGE = "auto"
 
@@ -574,21 +581,9 @@ def bench_layers(bs=64, ctx=1024, num_layers=32):
         return jax.jit(many, donate_argnums=0)
 
     kvx = kv0 + 0
-    n1, n2 = 8, 104          # marginal over 96 layers: wall-clock noise / 96 per layer
-    for label, names in combos.items():
-        t = []
-        for n in (n1, n2):
-            f = build(names, n)
-            kvx, x = f(kvx, packed)
-            jax.block_until_ready(x)
-            ts = []
-            for _ in range(11):
-                t0 = time.perf_counter()
-                kvx, x = f(kvx, packed)
-                jax.block_until_ready(x)
-                ts.append(time.perf_counter() - t0)
-            t.append(statistics.median(ts))
-        res["jax_" + label] = (t[1] - t[0]) / (n2 - n1)
+    for label, names in combos.items():   # marginal over 96 layers: wall-clock noise / 96
+        res["jax_" + label], kvx = time_layers_marginal(
+            functools.partial(build, names), kvx, packed)
         log(f"  jit {label}: {res['jax_' + label] * 1e6:.1f} us/layer")
     del kvx
 
@@ -667,19 +662,7 @@ def bench_host(num_layers=32):
             return kv, x
         return jax.jit(many, donate_argnums=0)
 
-    kvx, t = kv0 + 0, []
-    for n in (8, 104):
-        f = build(n)
-        kvx, x = f(kvx, packed)
-        jax.block_until_ready(x)
-        ts = []
-        for _ in range(11):
-            t0 = time.perf_counter()
-            kvx, x = f(kvx, packed)
-            jax.block_until_ready(x)
-            ts.append(time.perf_counter() - t0)
-        t.append(statistics.median(ts))
-    res["host_per_layer"] = (t[1] - t[0]) / 96
+    res["host_per_layer"], _ = time_layers_marginal(build, kv0 + 0, packed)
     log(f"  host time per layer (bs 1, ctx 16): {res['host_per_layer'] * 1e6:.1f} us")
     return res
 
