@@ -354,31 +354,41 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *, 
     return AttentionPlan(token, meta)
 
 
-def _decode_plan_meta(fn, config, b, num_qo_heads, *, q_dtype, sm_scale, logits_soft_cap,
-                      window_left, pos_encoding_mode, rope_scale, rope_theta, backend,
-                      decode_kernel, slot, host=False) -> _PlanMeta:
-    """Checks, backend choice and the bridge's PlanKey of a decode plan (device or host)."""
+def _plan_meta(fn, config, kind, num_qo_heads, *, q_dtype, sm_scale, logits_soft_cap,
+               window_left, pos_encoding_mode, rope_scale, rope_theta, backend, causal=False,
+               host=False, decode_kernel=None, ffi=False, **key_fields) -> _PlanMeta:
+    """The shared flow of every plan: option checks, backend choice and (FlashInfer) the bridge's
+    PlanKey. `decode_kernel`: decode plans only; `ffi`: whether the runs may take the XLA FFI
+    bridge; `key_fields`: the PlanKey fields that differ between plan kinds (batch sizes, rows,
+    slot). Nothing here imports the bridge unless FlashInfer is chosen."""
     _options_check(fn, logits_soft_cap, window_left, pos_encoding_mode)
     qd = _q_dtype_name(config, q_dtype)
+    extra = {} if decode_kernel is None else {"decode_kernel": decode_kernel}
     reason = flashinfer_unsupported_reason(
-        config, qd, num_qo_heads, kind="decode", sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+        config, qd, num_qo_heads, kind=kind, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
         window_left=window_left, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
-        rope_theta=rope_theta, decode_kernel=decode_kernel)
+        rope_theta=rope_theta, **extra)
     be = _choose(backend, reason)
-    meta = dict(kind="decode", logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
-                pos_encoding_mode=pos_encoding_mode, causal=False, host=host)
+    meta = dict(kind=kind, logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
+                pos_encoding_mode=pos_encoding_mode, causal=bool(causal), host=host)
     if be == "reference":
         return _PlanMeta(backend="reference", key=None, **meta)
-    ops = bridge_module("ops")
-    key = ops.PlanKey(
-        kind="decode", provider=_PROVIDER, batch_size=b, num_rows=b, num_qo_heads=num_qo_heads,
+    if decode_kernel is not None:
+        key_fields["decode_kernel"] = _decode_kernel(decode_kernel,
+                                                     num_qo_heads // config.num_kv_heads)
+    key = bridge_module("ops").PlanKey(
+        kind=kind, provider=_PROVIDER, num_qo_heads=num_qo_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
-        kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype,
+        kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype, causal=bool(causal),
         pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-        logits_soft_cap=float(logits_soft_cap),
-        decode_kernel=_decode_kernel(decode_kernel, num_qo_heads // config.num_kv_heads),
-        ffi=_use_ffi("decode"), slot=slot)
+        logits_soft_cap=float(logits_soft_cap), ffi=ffi and _use_ffi(kind), **key_fields)
     return _PlanMeta(backend="flashinfer", key=key, **meta)
+
+
+def _decode_plan_meta(fn, config, b, num_qo_heads, *, slot, host=False, **opts) -> _PlanMeta:
+    """`_plan_meta` of a decode batch of `b` requests (device or host plan)."""
+    return _plan_meta(fn, config, "decode", num_qo_heads, host=host, ffi=True, batch_size=b,
+                      num_rows=b, slot=slot, **opts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,30 +534,19 @@ def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *,
                  slot: int = 0) -> AttentionPlan:
     """Plan this step's paged prefill batch once for every layer (see `plan_decode`)."""
     _check_packed("plan_prefill: packed", packed)
-    _options_check("plan_prefill", logits_soft_cap, window_left, pos_encoding_mode)
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"plan_prefill: causal must be a bool, got {causal!r}")
-    qd = _q_dtype_name(config, q_dtype)
-    reason = flashinfer_unsupported_reason(
-        config, qd, num_qo_heads, kind="prefill", sm_scale=sm_scale,
-        logits_soft_cap=logits_soft_cap, window_left=window_left,
-        pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
-    be = _choose(backend, reason)
-    meta = dict(kind="prefill", logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
-                pos_encoding_mode=pos_encoding_mode, causal=bool(causal))
-    if be == "reference":
-        return AttentionPlan(None, _PlanMeta(backend="reference", key=None, **meta))
-    ops = bridge_module("ops")
     b, t = packed.batch_size, packed.num_token_rows
-    key = ops.PlanKey(
-        kind="prefill", provider=_PROVIDER, batch_size=b, num_rows=t, num_qo_heads=num_qo_heads,
-        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
-        kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype, causal=bool(causal),
-        pos_encoding_mode=pos_encoding_mode, window_left=int(window_left),
-        logits_soft_cap=float(logits_soft_cap), ffi=_use_ffi("prefill"), slot=slot)
-    token = ops.plan(key, packed.kv_page_indptr, packed.kv_last_page_len, packed.qo_indptr,
-                     packed.batch_indices)
-    return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
+    meta = _plan_meta("plan_prefill", config, "prefill", num_qo_heads, q_dtype=q_dtype,
+                      sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, window_left=window_left,
+                      pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
+                      rope_theta=rope_theta, backend=backend, causal=causal, batch_size=b,
+                      num_rows=t, ffi=True, slot=slot)
+    if meta.backend == "reference":
+        return AttentionPlan(None, meta)
+    token = bridge_module("ops").plan(meta.key, packed.kv_page_indptr, packed.kv_last_page_len,
+                                      packed.qo_indptr, packed.batch_indices)
+    return AttentionPlan(token, meta)
 
 
 def plan_pod(config: CacheConfig, packed_d: PackedBatch, num_qo_heads: int, *, q_dtype=None,
@@ -555,26 +554,15 @@ def plan_pod(config: CacheConfig, packed_d: PackedBatch, num_qo_heads: int, *, q
              rope_scale=1.0, rope_theta=1e4, backend="auto", slot: int = 0) -> AttentionPlan:
     """Plan the decode part of `pod` (the single prefill request needs no plan)."""
     _check_packed("plan_pod: packed_d", packed_d)
-    _options_check("plan_pod", logits_soft_cap, window_left, pos_encoding_mode)
-    qd = _q_dtype_name(config, q_dtype)
-    reason = flashinfer_unsupported_reason(
-        config, qd, num_qo_heads, kind="pod", sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
-        window_left=window_left, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
-        rope_theta=rope_theta)
-    be = _choose(backend, reason)
-    meta = dict(kind="pod", logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
-                pos_encoding_mode=pos_encoding_mode, causal=False)
-    if be == "reference":
-        return AttentionPlan(None, _PlanMeta(backend="reference", key=None, **meta))
-    ops = bridge_module("ops")
     b = packed_d.batch_size
-    key = ops.PlanKey(
-        kind="pod", provider=_PROVIDER, batch_size=b, num_rows=b, num_qo_heads=num_qo_heads,
-        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, page_size=config.page_size,
-        kv_layout=config.kv_layout, q_dtype=qd, kv_dtype=config.dtype,
-        pos_encoding_mode=pos_encoding_mode, window_left=int(window_left), slot=slot)
-    token = ops.plan(key, *_meta_arrays_decode(packed_d, b))
-    return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
+    meta = _plan_meta("plan_pod", config, "pod", num_qo_heads, q_dtype=q_dtype, sm_scale=sm_scale,
+                      logits_soft_cap=logits_soft_cap, window_left=window_left,
+                      pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
+                      rope_theta=rope_theta, backend=backend, batch_size=b, num_rows=b, slot=slot)
+    if meta.backend == "reference":
+        return AttentionPlan(None, meta)
+    token = bridge_module("ops").plan(meta.key, *_meta_arrays_decode(packed_d, b))
+    return AttentionPlan(token, meta)
 
 
 def plan_batch_pod(config: CacheConfig, packed_p: PackedBatch, packed_d: PackedBatch,
@@ -584,31 +572,20 @@ def plan_batch_pod(config: CacheConfig, packed_p: PackedBatch, packed_d: PackedB
     """Plan both parts of `batch_pod` once for every layer."""
     _check_packed("plan_batch_pod: packed_p", packed_p)
     _check_packed("plan_batch_pod: packed_d", packed_d)
-    _options_check("plan_batch_pod", logits_soft_cap, window_left, pos_encoding_mode)
     if not isinstance(causal_p, (bool, np.bool_)):
         raise ValueError(f"plan_batch_pod: causal_p must be a bool, got {causal_p!r}")
-    qd = _q_dtype_name(config, q_dtype)
-    reason = flashinfer_unsupported_reason(
-        config, qd, num_qo_heads, kind="batch_pod", sm_scale=sm_scale,
-        logits_soft_cap=logits_soft_cap, window_left=window_left,
-        pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
-    be = _choose(backend, reason)
-    meta = dict(kind="batch_pod", logits_soft_cap=float(logits_soft_cap),
-                window_left=int(window_left), pos_encoding_mode=pos_encoding_mode,
-                causal=bool(causal_p))
-    if be == "reference":
-        return AttentionPlan(None, _PlanMeta(backend="reference", key=None, **meta))
-    ops = bridge_module("ops")
-    key = ops.PlanKey(
-        kind="batch_pod", provider=_PROVIDER, batch_size=packed_d.batch_size,
-        num_rows=packed_p.num_token_rows, batch_size_p=packed_p.batch_size,
-        num_qo_heads=num_qo_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-        page_size=config.page_size, kv_layout=config.kv_layout, q_dtype=qd,
-        kv_dtype=config.dtype, causal=bool(causal_p), pos_encoding_mode=pos_encoding_mode,
-        window_left=int(window_left), slot=slot)
-    token = ops.plan(key, packed_p.kv_page_indptr, packed_p.kv_last_page_len, packed_p.qo_indptr,
-                     packed_d.kv_page_indptr, packed_d.kv_last_page_len)
-    return AttentionPlan(token, _PlanMeta(backend="flashinfer", key=key, **meta))
+    meta = _plan_meta("plan_batch_pod", config, "batch_pod", num_qo_heads, q_dtype=q_dtype,
+                      sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, window_left=window_left,
+                      pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
+                      rope_theta=rope_theta, backend=backend, causal=causal_p,
+                      batch_size=packed_d.batch_size, num_rows=packed_p.num_token_rows,
+                      batch_size_p=packed_p.batch_size, slot=slot)
+    if meta.backend == "reference":
+        return AttentionPlan(None, meta)
+    token = bridge_module("ops").plan(meta.key, packed_p.kv_page_indptr,
+                                      packed_p.kv_last_page_len, packed_p.qo_indptr,
+                                      packed_d.kv_page_indptr, packed_d.kv_last_page_len)
+    return AttentionPlan(token, meta)
 
 
 def _check_plan(fn: str, plan: AttentionPlan, kind: str, **opts):
