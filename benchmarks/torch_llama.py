@@ -502,6 +502,8 @@ class TorchLlama:
         return (self._rms(x, self.final_norm) @ self.lm_head).float()
 
     # -- eager steps ----------------------------------------------------------------------------
+    # Every host->device copy below is non_blocking from pageable memory: CUDA stages the bytes at
+    # once and returns; a blocking copy would synchronise the stream and stall the host each step.
 
     def _upload(self, lay: PagedLayout):
         """One host->device copy of the step's metadata; device views (int32) of its parts."""
@@ -526,8 +528,9 @@ class TorchLlama:
                              q_data_type=self.dtype)
 
     def _step(self, tokens, prefill: PagedLayout | None, decode: PagedLayout | None,
-              logits: str) -> torch.Tensor:
-        """One eager forward over prefill rows (first) and decode rows (one per sequence)."""
+              logits: str, dense: bool = False) -> torch.Tensor:
+        """One eager forward over prefill rows (first) and decode rows (one per sequence); `dense`
+        attends with the dense torch fallback even when FlashInfer is loaded (a check)."""
         parts = [x for x in (prefill, decode) if x is not None]
         lay = parts[0] if len(parts) == 1 else concat_layouts(*parts)
         tokens = torch.as_tensor(tokens).to(self.device, torch.int64, non_blocking=True)
@@ -535,12 +538,13 @@ class TorchLlama:
             raise ValueError(f"tokens must have shape ({lay.num_rows},) (the step's rows), got "
                              f"{tuple(tokens.shape)}")
         if logits == "last":
-            rows = torch.from_numpy(lay.qo_indptr[1:].astype(np.int64) - 1).to(self.device)
+            rows = torch.from_numpy(lay.qo_indptr[1:].astype(np.int64) - 1).to(
+                self.device, non_blocking=True)
         elif logits == "all":
             rows = None
         else:
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
-        if self.fi is None:
+        if self.fi is None or dense:
             attn = _DenseTorchAttention(self.kv, lay)
             positions = attn.pos.to(torch.int32)
         else:
@@ -587,9 +591,9 @@ class TorchLlama:
         counts = [len(p) for p in prompts]
         lay_p = self.pages.extend(prefill_seqs, counts)
         lay_d = self.pages.extend(decode_seqs, 1)
-        toks = torch.cat([torch.as_tensor(np.concatenate([np.asarray(p, np.int64)
-                                                          for p in prompts])).to(self.device),
-                          torch.as_tensor(tokens).to(self.device, torch.int64)])
+        prompt_rows = np.concatenate([np.asarray(p, np.int64) for p in prompts])
+        toks = torch.cat([torch.from_numpy(prompt_rows).to(self.device, non_blocking=True),
+                          torch.as_tensor(tokens).to(self.device, torch.int64, non_blocking=True)])
         return self._step(toks, lay_p, lay_d, "last")
 
     # -- the CUDA graph --------------------------------------------------------------------------
@@ -648,7 +652,7 @@ class TorchLlama:
                              f"(captured: {sorted(self._graphs)})")
         g = self._graphs[B]
         if tokens is not None:
-            g.tokens.copy_(torch.as_tensor(tokens).to(self.device, torch.int64))
+            g.tokens.copy_(torch.as_tensor(tokens).to(self.device, torch.int64, non_blocking=True))
         lay = self.pages.extend(seqs, 1)
         nnz = len(lay.kv_indices)
         if nnz > self.num_pages:
@@ -781,6 +785,47 @@ def time_mixed(model: TorchLlama, batch: int, ctx: int, rows: int, prior: int = 
     return res
 
 
+def check_paths(model: TorchLlama, batch: int, prompt_len: int = 24, steps: int = 8,
+                graph: bool = True, seed: int = 0) -> dict:
+    """Checks, on the model's device, that the timed paths compute the model: `batch` random prompts
+    are prefilled and decoded greedily for `steps` steps eagerly; the last step is re-run with the
+    dense torch attention (same weights, same cache) and its logits compared; then the same steps
+    run by CUDA graph replay (`graph`) and their tokens compared with the eager ones. Returns
+    max_abs_logit_diff / argmax_agree (FlashInfer eager vs dense) and tokens_graph_eq_eager (the
+    fraction of equal tokens; fp16 near-ties can flip one and the sequence then diverges)."""
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    seqs = list(range(batch))
+    prompts = list(np.random.default_rng(seed).integers(0, model.cfg.vocab_size,
+                                                        (batch, prompt_len)))
+    _fill(model, seqs, 0)
+    first = torch.argmax(model.prefill(seqs, prompts), -1)
+    toks, eager = first, []
+    for _ in range(steps):
+        toks = model.step_eager(seqs, toks)
+        eager.append(toks)
+    eager = torch.stack(eager).cpu()
+    res = dict(batch=batch, prompt_len=prompt_len, steps=steps)
+    # the last step again, through FlashInfer and through the dense attention (same K/V written)
+    model.pages.truncate(seqs, prompt_len + steps - 1)
+    fi_logits = model.decode_logits(seqs, eager[-2])
+    model.pages.truncate(seqs, prompt_len + steps - 1)
+    dense_logits = model._step(eager[-2], None, model.pages.extend(seqs, 1), "all", dense=True)
+    res["max_abs_logit_diff"] = float((fi_logits - dense_logits).abs().max())
+    res["argmax_agree"] = float((fi_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean())
+    res["tokens_graph_eq_eager"] = None
+    if graph:
+        model.pages.truncate(seqs, prompt_len)
+        if batch not in model._graphs:
+            model.capture_graph(batch)
+        out = [model.step_graph(seqs, first).clone()]
+        for _ in range(steps - 1):
+            out.append(model.step_graph(seqs).clone())
+        res["tokens_graph_eq_eager"] = float((torch.stack(out).cpu() == eager).float().mean())
+    _fill(model, seqs, 0)
+    return res
+
+
 def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill_rows: int = 512,
                   steps: int = 30, repeats: int = 5, page_size: int = 16, seed: int = 0) -> dict:
     """Every figure for one shape on the GPU: decode (eager, graph), a prefill chunk, a mixed
@@ -795,11 +840,13 @@ def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill
                        num_pages=batch * pages_per_seq + prefill_pages + 8, max_batch=batch + 1,
                        seed=seed)
     del params
+    check = check_paths(model, batch, steps=8)
     res = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else
                {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "num_layers", "num_heads",
                                              "num_kv_heads", "head_dim", "ffn_dim", "rope_theta",
                                              "norm_eps")},
                dtype=str(model.dtype).replace("torch.", ""), page_size=page_size)
+    res["check"] = check
     res["decode"] = time_decode(model, batch, ctx, steps=steps, repeats=repeats)
     res["prefill_ms"] = time_prefill(model, prefill_rows, repeats=repeats)
     res["mixed"] = time_mixed(model, batch, ctx, prefill_rows, repeats=repeats)
@@ -838,9 +885,12 @@ def main(argv=None) -> int:
                         repeats=args.repeats)
     res.update(shape=args.shape, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                flashinfer=flashinfer.__version__)
-    d, m = res["decode"], res["mixed"]
+    d, m, c = res["decode"], res["mixed"], res["check"]
     print(f"torch + FlashInfer, {args.shape} ({res['gpu']}), batch {args.batch}, ctx {ctx}, "
           f"{res['dtype']}")
+    print(f"  check         FlashInfer vs dense attention: max |logit diff| "
+          f"{c['max_abs_logit_diff']:.2e}, argmax agree {c['argmax_agree']:.3f}; graph tokens = "
+          f"eager tokens: {c['tokens_graph_eq_eager']:.3f}")
     print(f"  decode step   eager {d['eager_ms']:.3f} ms | CUDA graph (plan + replay) "
           f"{d['graph_ms']:.3f} ms | replay only {d['graph_replay_only_ms']:.3f} ms | "
           f"HBM floor {res['hbm_floor_ms']:.3f} ms")

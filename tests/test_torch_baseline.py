@@ -325,3 +325,17 @@ def test_timing_functions_run_on_cpu():
     m = tl.time_mixed(model, batch=2, ctx=7, rows=4, repeats=2)
     assert all(m[k] > 0 for k in ("prefill_ms", "decode_ms", "separate_ms", "fused_ms"))
     assert model.pages.num_free == free and not model.pages.lens.any()     # nothing leaked
+
+
+def test_check_paths_on_cpu():
+    params = tl.random_params(CFG, seed=7)
+    model = _model(params, attention="flashinfer", fi=FAKE_FI, num_pages=80)
+    res = tl.check_paths(model, batch=3, prompt_len=5, steps=3, graph=False)
+    assert res["max_abs_logit_diff"] < 1e-4 and res["argmax_agree"] == 1.0
+    assert res["tokens_graph_eq_eager"] is None and not model.pages.lens.any()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CLI runs the benchmark on a GPU")
+def test_cli_says_it_needs_a_gpu(capsys):
+    assert tl.main(["--shape", "small"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
