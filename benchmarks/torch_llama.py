@@ -11,7 +11,8 @@ tests check that the weights are read in the right layout.
 Weights: the JAX model's params pytree converted to numpy (``jax.tree.map(np.asarray, params)``):
 
     params["embed"]        [V, d]
-    params["layers"][l]    "attn_norm" [d]; "wqkv" [d, (Hq + 2 Hkv) hd] (columns: every q head, then
+    params["layers"][l]    (a list of L dicts; a dict of stacked [L, ...] leaves works too)
+                           "attn_norm" [d]; "wqkv" [d, (Hq + 2 Hkv) hd] (columns: every q head, then
                            k, then v, head-major); optional "bqkv" [(Hq + 2 Hkv) hd]; "wo" [Hq hd, d];
                            "mlp_norm" [d]; "w_gate_up" [d, 2 ffn] (gate columns, then up);
                            "w_down" [ffn, d]
@@ -106,6 +107,11 @@ def _check_cfg(cfg) -> None:
                          f"cfg.num_kv_heads ({cfg.num_kv_heads})")
     if cfg.head_dim % 2:
         raise ValueError(f"cfg.head_dim must be even (rotate-half RoPE), got {cfg.head_dim}")
+    # LlamaConfig's options this baseline does not implement (the benchmark shapes use neither)
+    for name in ("rope_scaling", "sliding_window"):
+        if getattr(cfg, name, None) is not None:
+            raise ValueError(f"cfg.{name} must be None for the torch baseline (plain RoPE, full "
+                             f"attention), got {getattr(cfg, name)!r}")
 
 
 def random_params(cfg, seed: int = 0, tied: bool = False, bias: bool = False,
@@ -389,6 +395,7 @@ class TorchLlama:
       attention: "flashinfer" (GPU) or "torch" (dense fallback; any device).
       fi: the flashinfer module to use (default: import it); tests pass a CPU stand-in.
       workspace_mb: FlashInfer's float workspace, shared by every wrapper (one stream).
+      prefill_backend: the prefill wrapper's backend ("auto", vLLM's default: FA3 on Hopper; "fa2").
 
     Every step is given sequence ids; the model's `pages` (a `HostPageTable`) grants their pages and
     builds the step's layout on the host, which plans FlashInfer, as a serving loop would.
@@ -396,7 +403,7 @@ class TorchLlama:
 
     def __init__(self, cfg, params: dict, device, page_size: int = 16, num_pages: int = 4096,
                  max_batch: int = 256, attention: str = "flashinfer", fi=None, seed: int = 0,
-                 workspace_mb: int = 128):
+                 workspace_mb: int = 128, prefill_backend: str = "auto"):
         _check_cfg(cfg)
         if attention not in ("flashinfer", "torch"):
             raise ValueError(f"attention must be 'flashinfer' or 'torch', got {attention!r}")
@@ -418,7 +425,8 @@ class TorchLlama:
             self._ws = torch.zeros(workspace_mb * 1024 * 1024, dtype=torch.uint8, device=self.device)
             self._decode_w = self.fi.BatchDecodeWithPagedKVCacheWrapper(self._ws, "NHD",
                                                                         use_tensor_cores=True)
-            self._prefill_w = self.fi.BatchPrefillWithPagedKVCacheWrapper(self._ws, "NHD")
+            self._prefill_w = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+                self._ws, "NHD", backend=prefill_backend)
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -438,12 +446,20 @@ class TorchLlama:
             if key not in params:
                 raise ValueError(f"params must have the key {key!r} (layout: benchmarks/"
                                  f"torch_llama.py's docstring); got {sorted(params)}")
-        if len(params["layers"]) != c.num_layers:
+        layers = params["layers"]
+        if isinstance(layers, dict):           # stacked (a scan's params): leaves [L, ...]
+            n = {np.shape(v)[0] for v in layers.values() if v is not None}
+            if n != {c.num_layers}:
+                raise ValueError(f"stacked params['layers'] leaves must lead with cfg.num_layers="
+                                 f"{c.num_layers}, got leading sizes {sorted(n)}")
+            layers = [{k: (None if v is None else v[i]) for k, v in layers.items()}
+                      for i in range(c.num_layers)]
+        if len(layers) != c.num_layers:
             raise ValueError(f"params['layers'] must have cfg.num_layers={c.num_layers} entries, "
-                             f"got {len(params['layers'])}")
+                             f"got {len(layers)}")
         self.embed = self._tensor(params["embed"], (V, d), "['embed']")
         self.layers = []
-        for i, p in enumerate(params["layers"]):
+        for i, p in enumerate(layers):
             t = lambda k, shape: self._tensor(p[k], shape, f"['layers'][{i}][{k!r}]")  # noqa: E731
             self.layers.append(dict(
                 attn_norm=t("attn_norm", (d,)), wqkv=t("wqkv", (d, nqkv)),
@@ -851,7 +867,10 @@ def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill
     res["prefill_ms"] = time_prefill(model, prefill_rows, repeats=repeats)
     res["mixed"] = time_mixed(model, batch, ctx, prefill_rows, repeats=repeats)
     nbytes = torch.finfo(model.dtype).bits // 8
-    res["hbm_floor_ms"] = hbm_floor_ms(cfg, batch, ctx + steps // 2, nbytes)
+    res["hbm_floor_ms"] = hbm_floor_ms(cfg, batch, ctx, nbytes)
+    # the timed decode steps run at contexts ctx+1 .. ctx+steps
+    res["decode"]["mean_ctx"] = ctx + (steps + 1) / 2
+    res["hbm_floor_ms_at_mean_ctx"] = hbm_floor_ms(cfg, batch, ctx + (steps + 1) / 2, nbytes)
     return res
 
 

@@ -149,6 +149,9 @@ def test_bad_params_and_arguments_raise():
         _model(dict(params, layers=params["layers"][:1]))
     with pytest.raises(ValueError, match="attention must be"):
         _model(params, attention="xla")
+    with pytest.raises(ValueError, match="cfg.sliding_window must be None"):
+        tl.TorchLlama(types.SimpleNamespace(**CFG.__dict__, sliding_window=8), params, "cpu",
+                      attention="torch")
     with pytest.raises(ValueError, match="cfg.dtype"):
         tl.torch_dtype("int8")
     model = _model(params)
@@ -264,7 +267,7 @@ class _FakeDecode:
 
 
 class _FakePrefill(_FakeDecode):
-    def __init__(self, ws, layout):
+    def __init__(self, ws, layout, backend="auto"):
         self.planned = 0
 
     def plan(self, qo_indptr, indptr, indices, lpl, hq, hkv, hd, ps, causal=False,
@@ -339,3 +342,12 @@ def test_check_paths_on_cpu():
 def test_cli_says_it_needs_a_gpu(capsys):
     assert tl.main(["--shape", "small"]) == 1
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_stacked_layer_params_read_the_same():
+    params = tl.random_params(CFG, seed=8, bias=True)
+    stacked = dict(params, layers={k: np.stack([lay[k] for lay in params["layers"]])
+                                   for k in params["layers"][0]})
+    prompt = [[3, 1, 4, 1, 5, 9, 2]]
+    _close(_model(stacked).prefill([0], prompt, logits="all").numpy(),
+           np_forward(CFG, params, prompt[0]))
