@@ -436,6 +436,8 @@ class TorchLlama:
             raise ValueError(f"params{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
         if x.dtype.name not in ("float16", "float32", "float64"):
             x = x.astype(np.float32)        # bfloat16 (ml_dtypes) has no torch.from_numpy
+        if not x.flags.writeable:           # a jax array's numpy view: torch wants a writable one
+            x = x.copy()
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype)
 
     def _load(self, params):

@@ -351,3 +351,21 @@ def test_stacked_layer_params_read_the_same():
     prompt = [[3, 1, 4, 1, 5, 9, 2]]
     _close(_model(stacked).prefill([0], prompt, logits="all").numpy(),
            np_forward(CFG, params, prompt[0]))
+
+
+def test_logits_equal_the_jax_models_dense_oracle():
+    """The same params pytree through seqattn_jax's own Llama (its dense float32 oracle)."""
+    llama = pytest.importorskip("seqattn_jax.models.llama")
+    for tied, bias in ((False, False), (True, True)):
+        cfg = llama.LlamaConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=8, ffn_dim=48, rope_theta=500.0,
+                                tie_embeddings=tied, qkv_bias=bias, dtype="float32")
+        params = llama.init_params(cfg, 3)
+        params_np = {k: ([{n: np.asarray(a) for n, a in lay.items()} for lay in v]
+                         if k == "layers" else np.asarray(v)) for k, v in params.items()}
+        tokens = np.random.default_rng(4).integers(0, 61, 13)
+        want = np.asarray(llama.dense_logits(params, cfg, tokens[None]))[0]
+        model = tl.TorchLlama(cfg, params_np, "cpu", page_size=4, num_pages=16, max_batch=1,
+                              attention="torch")
+        _close(model.prefill([0], [tokens[:6]], logits="all").numpy(), want[:6])
+        _close(model.prefill([0], [tokens[6:]], logits="all").numpy(), want[6:])
