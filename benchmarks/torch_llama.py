@@ -49,6 +49,7 @@ import math
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -616,15 +617,19 @@ class TorchLlama:
 
     # -- the CUDA graph --------------------------------------------------------------------------
 
-    def capture_graph(self, batch: int) -> None:
+    def capture_graph(self, batch: int, capture: bool = True) -> None:
         """Capture the whole greedy decode step for `batch` sequences as one CUDA graph (GPU +
         flashinfer only): embedding, every layer (FlashInfer append and the use_cuda_graph decode
-        wrapper over fixed buffers), the logits, the argmax and the token feedback."""
-        if self.fi is None or self.device.type != "cuda":
+        wrapper over fixed buffers), the logits, the argmax and the token feedback.
+
+        capture=False builds the same static buffers and wrapper but "replays" by running the
+        forward over them eagerly, without CUDA: the CPU tests check the graph step's plumbing
+        (buffers, plans, token feedback) that way. Never a timing path."""
+        if self.fi is None or (capture and self.device.type != "cuda"):
             raise ValueError("capture_graph needs attention='flashinfer' on a CUDA device")
         B, dev = int(batch), self.device
         i32 = dict(dtype=torch.int32, device=dev)
-        g = _Graph(batch=B, graph=torch.cuda.CUDAGraph(), wrapper=None,
+        g = _Graph(batch=B, graph=torch.cuda.CUDAGraph() if capture else None, wrapper=None,
                    tokens=torch.zeros(B, dtype=torch.int64, device=dev),
                    meta=torch.zeros(B + self.num_pages + 1, **i32),
                    indptr=torch.arange(B + 1, **i32), indices=torch.zeros(self.num_pages + 1, **i32),
@@ -648,6 +653,10 @@ class TorchLlama:
         def body():
             g.tokens.copy_(torch.argmax(self.forward(g.tokens, pos, attn), -1))
 
+        if not capture:
+            g.graph = types.SimpleNamespace(replay=body)
+            self._graphs[B] = g
+            return
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -762,7 +771,7 @@ def time_decode(model: TorchLlama, batch: int, ctx: int, steps: int = 30, repeat
 
 
 def time_prefill(model: TorchLlama, rows: int, prior: int = 0, seq: int = 0,
-                 repeats: int = 5) -> float:
+                 repeats: int = 10) -> float:
     """Ms of one eager prefill chunk of `rows` tokens for sequence `seq` that already holds `prior`
     cached tokens (logits of its last row only, as a server computes them)."""
     prompt = np.zeros(rows, np.int64)
@@ -773,11 +782,14 @@ def time_prefill(model: TorchLlama, rows: int, prior: int = 0, seq: int = 0,
 
 
 def time_mixed(model: TorchLlama, batch: int, ctx: int, rows: int, prior: int = 0,
-               repeats: int = 5) -> dict:
+               repeats: int = 10, graph: bool = True) -> dict:
     """A mixed iteration: sequences 0..batch-1 (context ctx) decode one token while sequence `batch`
-    (`prior` cached tokens) prefills a chunk of `rows`. Ms of: the prefill call and the decode call
-    alone, the two one after the other (two forwards: `separate_ms`), and the vLLM way, one forward
-    over all rows with a prefill and a decode attention call per layer (`fused_ms`). Eager."""
+    (`prior` cached tokens) prefills a chunk of `rows`. Ms (one iteration per timing, median of
+    `repeats`) of: the prefill call and the decode call alone, the two one after the other (two
+    eager forwards: `separate_ms`), the same with the decode step replayed as the CUDA graph
+    (`separate_graph_ms`, `graph` and a GPU only: what a vLLM-style server with graphs does when it
+    splits the work), and one eager forward over all rows with a prefill and a decode attention
+    call per layer (`fused_ms`, vLLM's mixed batch)."""
     dseqs, pseq = list(range(batch)), batch
     prompt = np.zeros(rows, np.int64)
     tokens = torch.zeros(batch, dtype=torch.int64, device=model.device)
@@ -799,6 +811,16 @@ def time_mixed(model: TorchLlama, batch: int, ctx: int, rows: int, prior: int = 
     res["fused_ms"] = _median_ms(
         model, reset, lambda: torch.argmax(model.mixed_logits([pseq], [prompt], dseqs, tokens), -1),
         1, repeats)
+    res["separate_graph_ms"] = None
+    if graph:
+        if batch not in model._graphs:
+            model.capture_graph(batch)
+
+        def separate_graph():
+            model.prefill([pseq], [prompt])
+            model.step_graph(dseqs)
+
+        res["separate_graph_ms"] = _median_ms(model, reset, separate_graph, 1, repeats)
     _fill(model, dseqs + [pseq], 0)
     return res
 
@@ -866,8 +888,8 @@ def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill
                dtype=str(model.dtype).replace("torch.", ""), page_size=page_size)
     res["check"] = check
     res["decode"] = time_decode(model, batch, ctx, steps=steps, repeats=repeats)
-    res["prefill_ms"] = time_prefill(model, prefill_rows, repeats=repeats)
-    res["mixed"] = time_mixed(model, batch, ctx, prefill_rows, repeats=repeats)
+    res["prefill_ms"] = time_prefill(model, prefill_rows, repeats=2 * repeats)
+    res["mixed"] = time_mixed(model, batch, ctx, prefill_rows, repeats=2 * repeats)
     nbytes = torch.finfo(model.dtype).bits // 8
     res["hbm_floor_ms"] = hbm_floor_ms(cfg, batch, ctx, nbytes)
     # the timed decode steps run at contexts ctx+1 .. ctx+steps
@@ -917,7 +939,8 @@ def main(argv=None) -> int:
           f"HBM floor {res['hbm_floor_ms']:.3f} ms")
     print(f"  prefill chunk {args.prefill_rows} rows: {res['prefill_ms']:.3f} ms")
     print(f"  mixed         prefill {m['prefill_ms']:.3f} + decode {m['decode_ms']:.3f}: separate "
-          f"{m['separate_ms']:.3f} ms, one forward {m['fused_ms']:.3f} ms")
+          f"{m['separate_ms']:.3f} ms (with the decode graph {m['separate_graph_ms']:.3f} ms), one "
+          f"forward {m['fused_ms']:.3f} ms")
     print("TORCH_LLAMA", json.dumps(res), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -250,15 +250,34 @@ def _fi_attend(q, cache, qo_indptr, indptr, indices, lpl, ps):
 
 
 class _FakeDecode:
-    def __init__(self, ws, layout, use_tensor_cores=False, use_cuda_graph=False, **bufs):
-        assert layout == "NHD" and use_tensor_cores and not use_cuda_graph
+    """FlashInfer's decode wrapper contract. With use_cuda_graph the batch is fixed and plan copies
+    indptr / indices / last_page_len into the caller's buffers, which run() reads (a captured
+    kernel sees only those buffers)."""
+
+    def __init__(self, ws, layout, use_tensor_cores=False, use_cuda_graph=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
+                 paged_kv_last_page_len_buffer=None):
+        assert layout == "NHD" and use_tensor_cores
+        self.graph = use_cuda_graph
+        if use_cuda_graph:
+            self.bufs = (paged_kv_indptr_buffer, paged_kv_indices_buffer,
+                         paged_kv_last_page_len_buffer)
         self.planned = 0
 
     def plan(self, indptr, indices, lpl, hq, hkv, hd, ps, q_data_type=None):
         assert indptr.device.type == "cpu" and lpl.device.type == "cpu"   # planned on the host
         assert indptr.dtype == indices.dtype == lpl.dtype == torch.int32
         assert len(indices) == int(indptr[-1]) and (hq, hkv, hd) == (4, 2, 8)
-        self.args = (torch.arange(len(lpl) + 1), indptr.clone(), indices.clone(), lpl.clone(), ps)
+        if self.graph:
+            ib, xb, lb = self.bufs
+            assert len(lpl) == len(lb) and len(indices) <= len(xb)
+            ib.copy_(indptr)
+            lb.copy_(lpl)
+            xb[:len(indices)].copy_(indices)
+            self.args = (torch.arange(len(lpl) + 1), ib, xb, lb, ps)
+        else:
+            self.args = (torch.arange(len(lpl) + 1), indptr.clone(), indices.clone(), lpl.clone(),
+                         ps)
         self.planned += 1
 
     def run(self, q, cache):
@@ -325,8 +344,9 @@ def test_timing_functions_run_on_cpu():
     d = tl.time_decode(model, batch=3, ctx=9, steps=2, repeats=2, graph=False)
     assert d["eager_ms"] > 0 and d["graph_ms"] is None
     assert tl.time_prefill(model, rows=5, prior=2, seq=3, repeats=2) > 0
-    m = tl.time_mixed(model, batch=2, ctx=7, rows=4, repeats=2)
+    m = tl.time_mixed(model, batch=2, ctx=7, rows=4, repeats=2, graph=False)
     assert all(m[k] > 0 for k in ("prefill_ms", "decode_ms", "separate_ms", "fused_ms"))
+    assert m["separate_graph_ms"] is None
     assert model.pages.num_free == free and not model.pages.lens.any()     # nothing leaked
 
 
@@ -369,3 +389,18 @@ def test_logits_equal_the_jax_models_dense_oracle():
                               attention="torch")
         _close(model.prefill([0], [tokens[:6]], logits="all").numpy(), want[:6])
         _close(model.prefill([0], [tokens[6:]], logits="all").numpy(), want[6:])
+
+
+def test_graph_step_plumbing_without_cuda():
+    """The graph step's static buffers, plans and token feedback, replayed eagerly (no CUDA here):
+    its greedy tokens equal the eager steps' (check_paths), and a mixed iteration with the decode
+    step replayed times on the CPU."""
+    params = tl.random_params(CFG, seed=10)
+    model = _model(params, attention="flashinfer", fi=FAKE_FI, num_pages=80)
+    model.capture_graph(3, capture=False)
+    res = tl.check_paths(model, batch=3, prompt_len=6, steps=5, graph=True)
+    assert res["tokens_graph_eq_eager"] == 1.0 and res["max_abs_logit_diff"] < 1e-4
+    m = tl.time_mixed(model, batch=3, ctx=5, rows=4, repeats=1)
+    assert m["separate_graph_ms"] > 0 and not model.pages.lens.any()
+    with pytest.raises(ValueError, match="no graph for batch 2"):
+        model.step_graph([0, 1])
