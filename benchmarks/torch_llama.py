@@ -12,10 +12,10 @@ Weights: the JAX model's params pytree converted to numpy (``jax.tree.map(np.asa
 
     params["embed"]        [V, d]
     params["layers"][l]    (a list of L dicts; a dict of stacked [L, ...] leaves works too)
-                           "attn_norm" [d]; "wqkv" [d, (Hq + 2 Hkv) hd] (columns: every q head, then
-                           k, then v, head-major); optional "bqkv" [(Hq + 2 Hkv) hd]; "wo" [Hq hd, d];
-                           "mlp_norm" [d]; "w_gate_up" [d, 2 ffn] (gate columns, then up);
-                           "w_down" [ffn, d]
+                           "attn_norm" [d]; "wqkv" [d, (Hq + 2 Hkv) hd] (columns: every q head,
+                           then k, then v, head-major); optional "bqkv" [(Hq + 2 Hkv) hd];
+                           "wo" [Hq hd, d]; "mlp_norm" [d]; "w_gate_up" [d, 2 ffn] (gate
+                           columns, then up); "w_down" [ffn, d]
     params["final_norm"]   [d]
     params["lm_head"]      [d, V]; absent when tied (logits = h @ embed.T)
 
@@ -29,15 +29,23 @@ The serving recipe (what vLLM does with FlashInfer, and what ../shared/probes/to
 measured on an H200): fused qkv and gate/up matmuls; ``flashinfer.rmsnorm``;
 ``flashinfer.append_paged_kv_cache``; decode through ``BatchDecodeWithPagedKVCacheWrapper(
 use_tensor_cores=True)`` planned on the host every step from lengths the host knows; prefill through
-``BatchPrefillWithPagedKVCacheWrapper``; a mixed iteration as one forward over the prefill rows and the
-decode rows (one matmul per weight, a prefill and a decode attention call per layer). The CUDA graph
-version uses the ``use_cuda_graph=True`` decode wrapper with fixed indptr / indices / last-page-len
-buffers, plans before each replay and captures the whole forward, argmax and the token feedback.
+``BatchPrefillWithPagedKVCacheWrapper``; a mixed iteration as one forward over the prefill rows and
+the decode rows (one matmul per weight, a prefill and a decode attention call per layer). The CUDA
+graph version uses the ``use_cuda_graph=True`` decode wrapper with fixed indptr / indices /
+last-page-len buffers, plans before each replay and captures the whole forward, argmax and the token
+feedback.
 Sampled tokens stay on the device and feed the next step; the host never reads them while timing.
 
 KV pool: one tensor [L, num_pages + 1, 2, page_size, Hkv, hd] (FlashInfer's NHD layout, K then V);
 the extra last page is a scratch page that graph capture writes into, so capture never touches a
 sequence's data. Page accounting is on the host (`HostPageTable`, numpy, no loop over sequences).
+
+From the serving benchmark (run from the repository root; params from seqattn_jax's Llama):
+
+    from benchmarks.torch_llama import TorchLlama, run_benchmark, time_decode, hbm_floor_ms
+    res = run_benchmark(cfg, batch=64, ctx=320, params=jax.tree.map(np.asarray, params))
+    # or: model = TorchLlama(cfg, params_np, "cuda", page_size=16, num_pages=..., max_batch=65)
+    #     time_decode(model, 64, 320); time_prefill(model, 512); time_mixed(model, 64, 320, 512)
 """
 
 from __future__ import annotations
@@ -217,7 +225,8 @@ class HostPageTable:
                             ("max_seqs", max_seqs)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.page_size, self.num_pages, self.max_seqs = int(page_size), int(num_pages), int(max_seqs)
+        self.page_size, self.num_pages = int(page_size), int(num_pages)
+        self.max_seqs = int(max_seqs)
         self._free = np.random.default_rng(seed).permutation(num_pages).astype(np.int32)
         self._num_free = num_pages
         self.table = np.zeros((max_seqs, num_pages), np.int32)   # [seq, page slot] -> page id
@@ -267,7 +276,8 @@ class HostPageTable:
         counts = np.broadcast_to(np.asarray(counts, np.int64), seqs.shape)
         lens = self.lens[seqs]
         if (counts > lens).any() or counts.min() <= 0:
-            raise ValueError(f"counts must be in [1, seq_len]: {counts.tolist()} vs {lens.tolist()}")
+            raise ValueError(f"counts must be in [1, seq_len]: {counts.tolist()} vs "
+                             f"{lens.tolist()}")
         npages = self._npages(lens)
         kv_indptr = np.concatenate([[0], np.cumsum(npages)])
         cols = int(npages.max())
@@ -423,7 +433,8 @@ class TorchLlama:
         self._graphs: dict[int, _Graph] = {}
         if attention == "flashinfer":
             self.fi = fi if fi is not None else _import_flashinfer()
-            self._ws = torch.zeros(workspace_mb * 1024 * 1024, dtype=torch.uint8, device=self.device)
+            self._ws = torch.zeros(workspace_mb * 1024 * 1024, dtype=torch.uint8,
+                                   device=self.device)
             self._decode_w = self.fi.BatchDecodeWithPagedKVCacheWrapper(self._ws, "NHD",
                                                                         use_tensor_cores=True)
             self._prefill_w = self.fi.BatchPrefillWithPagedKVCacheWrapper(
@@ -632,7 +643,8 @@ class TorchLlama:
         g = _Graph(batch=B, graph=torch.cuda.CUDAGraph() if capture else None, wrapper=None,
                    tokens=torch.zeros(B, dtype=torch.int64, device=dev),
                    meta=torch.zeros(B + self.num_pages + 1, **i32),
-                   indptr=torch.arange(B + 1, **i32), indices=torch.zeros(self.num_pages + 1, **i32),
+                   indptr=torch.arange(B + 1, **i32),
+                   indices=torch.zeros(self.num_pages + 1, **i32),
                    lpl=torch.ones(B, **i32))
         g.wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
             self._ws, "NHD", use_cuda_graph=True, use_tensor_cores=True,

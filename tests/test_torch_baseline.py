@@ -311,7 +311,8 @@ def _append(k, v, bi, pos, cache, indices, indptr, lpl, layout):
 
 
 FAKE_FI = types.SimpleNamespace(
-    BatchDecodeWithPagedKVCacheWrapper=_FakeDecode, BatchPrefillWithPagedKVCacheWrapper=_FakePrefill,
+    BatchDecodeWithPagedKVCacheWrapper=_FakeDecode,
+    BatchPrefillWithPagedKVCacheWrapper=_FakePrefill,
     append_paged_kv_cache=_append,
     rmsnorm=lambda x, w, eps: (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * w)
 
