@@ -203,10 +203,10 @@ def _compare_paged(cfg, params, *, atol_rel):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_paged_forward_equals_dense_float32(name):
     cfg = CONFIGS[name]
-    _compare_paged(cfg, perturbed_params(cfg, 5), atol_rel=2e-5)
+    _compare_paged(cfg, perturbed_params(cfg, 5), atol_rel=2e-6)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 2e-2), ("bfloat16", 8e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float16", 5e-3), ("bfloat16", 3e-2)])
 def test_paged_forward_low_precision(dtype, tol):
     cfg = dataclasses.replace(CONFIGS["bias_tied_llama3_window"], dtype=dtype)
     params = perturbed_params(cfg, 6)
