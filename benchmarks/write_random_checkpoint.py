@@ -6,8 +6,8 @@
 Writes config.json (architecture LlamaForCausalLM, llama3 rope scaling, tied embeddings as Llama 3.2
 1B), generation_config.json, model.safetensors or shards of at most --shard-gb with
 model.safetensors.index.json (HF tensor names, `[out, in]` weights, q/k/v and gate/up separate), and a
-word-level tokenizer.json whose vocabulary is the words `w0 .. w{V-1}` (plus <s>, </s>), so text in /
-text out works end to end ("w17 w4 w99" encodes to those ids). Nothing is downloaded.
+word-level tokenizer.json whose vocabulary is the words `w3 .. w{V-1}` (plus <s>, </s>, <unk>), so
+text in / text out works end to end ("w17 w4 w99" encodes to those ids; other words to <unk>). Nothing is downloaded.
 
 Weights are numpy normal draws with the scales of `seqattn_jax.models.llama.init_params` (kernels
 1/sqrt(n_in), o/down further 1/sqrt(2L)), so greedy decoding is not degenerate.
@@ -76,8 +76,8 @@ def tensor_specs(c: dict):
 def write_tokenizer(out: str, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {"<s>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<s>", "</s>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])

@@ -405,3 +405,26 @@ def test_raw_reader_equals_safetensors(tmp_path):
         got = hf_mod._read_raw(file, name)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(np.asarray(got).astype(np.float32), want.astype(np.float32))
+
+
+def test_readme_snippet_runs(tmp_path, capsys):
+    """The README's load + greedy snippet runs as written on a checkpoint from the benchmark script."""
+    import importlib.util
+    import pathlib
+    import re
+
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("wrc", root / "benchmarks" / "write_random_checkpoint.py")
+    wrc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrc)
+    wrc.main(["--out", str(tmp_path), "--preset", "tiny", "--dtype", "float16", "--shard-gb", "0.004"])
+    capsys.readouterr()
+    section = (root / "README.md").read_text().split("## Serve a Hugging Face checkpoint", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns = {"MODEL_DIR": str(tmp_path)}
+    exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README
+    assert ns["cfg"].vocab_size == 2048 and len(ns["ids"]) > 6
+    assert ns["ids"][:6] == [0, 2, 2, 2, 2, 2]  # BOS, then <unk> for each English word
+    out = capsys.readouterr().out
+    assert out.strip() == ns["tok"].decode(ns["ids"][6:]).strip() != ""

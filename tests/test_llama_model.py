@@ -283,3 +283,20 @@ def test_config_hashable_and_rope_scaling_normalised():
     assert a == b == small(rope_scaling=legacy) and hash(a) == hash(b)
     assert small(rope_scaling={"rope_type": "default"}).rope_scaling is None
     assert small(dtype=np.float16).dtype == "float16" and math.isclose(small().norm_eps, 1e-5)
+
+
+def test_forward_bad_input():
+    cfg = small()
+    params = llama.init_params(cfg, 0)
+    attend = lambda q, k, v, kv, layer: (q, kv)  # noqa: E731
+    toks = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="positions must be int32"):
+        llama.forward(params, cfg, toks, jnp.zeros((3,), jnp.int32), None, attend, jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="tokens must be int32"):
+        llama.forward(params, cfg, toks[None], toks[None], None, attend, jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="logits_rows"):
+        llama.forward(params, cfg, toks, toks, None, attend, jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\['wqkv'\] must be float32"):
+        bad = jax.tree_util.tree_map(lambda a: a, params)
+        bad["layers"][1]["wqkv"] = bad["layers"][1]["wqkv"].astype(jnp.float16)
+        llama.forward(bad, cfg, toks, toks, None, attend, jnp.zeros((1,), jnp.int32))

@@ -27,6 +27,7 @@ reach the page pool and which kernel runs; `dense_logits` is the cache-free floa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Callable
@@ -224,15 +225,14 @@ def _rms_norm(x, weight, eps: float):
     return y.astype(x.dtype) * weight
 
 
-def _qkv(cfg: LlamaConfig, layer: dict, h, positions, precision=None):
-    """h [..., d] -> q [..., Hq, hd], k, v [..., Hkv, hd], RoPE applied to q and k."""
+def _qkv(cfg: LlamaConfig, layer: dict, h, rope_tables, precision=None):
+    """h [..., d] -> q [..., Hq, hd], k, v [..., Hkv, hd], RoPE (`_rope_tables`) applied to q and k."""
     qkv = jnp.dot(h, layer["wqkv"], precision=precision)
     if cfg.qkv_bias:
         qkv = qkv + layer["bqkv"]
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv = qkv.reshape(*h.shape[:-1], hq + 2 * hkv, hd)
-    cos, sin = _rope_tables(cfg, positions)
-    qk = _rope(qkv[..., : hq + hkv, :], cos, sin)  # q and k heads rotated in one op
+    qk = _rope(qkv[..., : hq + hkv, :], *rope_tables)  # q and k heads rotated in one op
     return qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv:, :]
 
 
@@ -364,14 +364,25 @@ def forward(params: Params, cfg: LlamaConfig, tokens, positions, kv, attend: Att
     Returns:
       (logits float32 [R, V], kv).
     """
+    if not isinstance(cfg, LlamaConfig):
+        raise ValueError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    check_params(cfg, params)  # Python at trace time only
     dt = cfg.jnp_dtype
     tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be int32 [T], got shape {tuple(tokens.shape)}")
+    if positions.shape != tokens.shape or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be int32 [T] = {tuple(tokens.shape)}, got "
+                         f"{positions.dtype}{tuple(positions.shape)}")
+    if jnp.ndim(logits_rows) != 1:
+        raise ValueError(f"logits_rows must be int32 [R], got shape {jnp.shape(logits_rows)}")
     x = jnp.take(params["embed"], tokens, axis=0, mode="clip")  # [T, d]
-    pos = jnp.maximum(jnp.asarray(positions, jnp.int32), 0)
+    rope = _rope_tables(cfg, jnp.maximum(positions.astype(jnp.int32), 0))  # once, for all layers
     t = tokens.shape[0]
     for i, layer in enumerate(params["layers"]):
         h = _rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, pos)
+        q, k, v = _qkv(cfg, layer, h, rope)
         out, kv = attend(q, k, v, kv, i)
         x = x + jnp.dot(out.astype(dt).reshape(t, cfg.num_heads * cfg.head_dim), layer["wo"])
         h = _rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
@@ -402,17 +413,27 @@ def dense_logits(params: Params, cfg: LlamaConfig, tokens):
 
     Plain causal (and sliding-window) attention over each sequence from position 0, no cache; the
     weights are upcast and everything runs in float32 at the highest matmul precision. Trailing
-    padding is harmless (position i sees only tokens <= i).
+    padding is harmless (position i sees only tokens <= i). Jitted (one compile per config and
+    token shape).
     """
+    if not isinstance(cfg, LlamaConfig):
+        raise ValueError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int32 [R, L], got shape {tuple(tokens.shape)}")
+    return _dense_logits(params, cfg, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dense_logits(params: Params, cfg: LlamaConfig, tokens):
     hi = jax.lax.Precision.HIGHEST
     p32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(_F32), params)
-    tokens = jnp.asarray(tokens, jnp.int32)
     r, length = tokens.shape
     x = jnp.take(p32["embed"], tokens, axis=0, mode="clip")  # [R, L, d]
-    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (r, length))
+    rope = _rope_tables(cfg, jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (r, length)))
     for layer in p32["layers"]:
         h = _rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, pos, precision=hi)
+        q, k, v = _qkv(cfg, layer, h, rope, precision=hi)
         out = _dense_attention(cfg, q, k, v).reshape(r, length, -1)
         x = x + jnp.dot(out, layer["wo"], precision=hi)
         h = _rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
