@@ -135,7 +135,8 @@ def test_each_architecture_matches_numpy_forward(tmp_path, name, config):
 def test_llama2_style_and_sharded(tmp_path):
     """Llama 1/2 shape (no rope_scaling, MHA, no num_key_value_heads key), 3 shards + index, and an
     old checkpoint's stored rotary_emb.inv_freq (ignored)."""
-    config = {k: v for k, v in LLAMA.items() if k not in ("rope_scaling", "num_key_value_heads")}
+    config = {k: v for k, v in LLAMA.items() if k != "rope_scaling"}
+    config["num_key_value_heads"] = None
     config["rope_theta"] = 10000.0
     tensors = hf_tensors(config, seed=1)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)

@@ -177,7 +177,9 @@ def config_from_hf(hf: dict, dtype=None, *, backend: str = "auto") -> LlamaConfi
     d = _int_field(hf, "hidden_size")
     heads = _int_field(hf, "num_attention_heads")
     layers = _int_field(hf, "num_hidden_layers")
-    kv_heads = _int_field(hf, "num_key_value_heads", heads)
+    # Absent or null means multi-head attention (transformers' default).
+    kv_heads = _int_field({"num_key_value_heads": hf.get("num_key_value_heads") or heads},
+                          "num_key_value_heads")
     head_dim = hf.get("head_dim")
     if head_dim is None:
         if d % heads:
