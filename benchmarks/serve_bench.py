@@ -1,0 +1,261 @@
+"""Serving benchmark: the library's engine against torch + FlashInfer (eager and CUDA graph) on the
+same model with the same weights, with the HBM floor, in one run on one GPU.
+
+    python3 benchmarks/serve_bench.py all --out benchmarks/results      # or: decode mixed e2e
+
+  decode  per decode step at a full batch (every slot busy), for the example's GPU model ("small":
+          8 layers, d 1024, 16 q / 4 kv x 128, ffn 2816, vocab 32000, ctx 320) and a 1.2B shape
+          ("1b": 16 layers, d 2048, 32 q / 8 kv x 64, ffn 8192, vocab 32000, ctx 1024), batch 64 and
+          256:
+            served        Engine.step() in steady state (host plans, tokens fed back on the device,
+                          the host one step behind): wall time per step over many steps
+            device-bound  the same jitted decode step dispatched back to back (host plan per step,
+                          nothing read back until the end): what the GPU needs for one step
+            torch eager / torch graph   benchmarks/torch_llama.py (vLLM's recipe)
+            HBM floor     weights + the KV read once per step at 4.3 TB/s
+  mixed   one iteration with a 512-row prefill chunk and a 64-row decode batch: one mixed step
+          (batch POD) vs a prefill step then a decode step (engine-level, same work per iteration)
+  e2e     the README's GPU example command: generated tokens/s of examples/decode.py now, against
+          the code before the serving engine (a checkout of it passed with --legacy DIR)
+
+Writes `serve_<section>_<gpu>.json` under --out and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import seqattn_jax as sj  # noqa: E402
+from seqattn_jax import attention  # noqa: E402
+from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
+from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
+from seqattn_jax.serving import engine as engine_mod  # noqa: E402
+from seqattn_jax.serving.step import StepKind  # noqa: E402
+
+SHAPES = {
+    "small": (LlamaConfig(vocab_size=32000, d_model=1024, num_layers=8, num_heads=16, num_kv_heads=4,
+                          head_dim=128, ffn_dim=2816, dtype="float16"), 320),
+    "1b": (LlamaConfig(vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                       head_dim=64, ffn_dim=8192, dtype="float16"), 1024),
+}
+PS = 16
+HBM_BW = 4.3e12
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def hbm_floor_ms(cfg: LlamaConfig, batch: int, ctx: int, bytes_per=2) -> float:
+    """Weights + the batch's KV read once, at HBM_BW."""
+    d, f, v, hd = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d + 3 * d * f
+    weights = cfg.num_layers * per_layer + 2 * v * d
+    kv = batch * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * hd
+    return (weights + kv) * bytes_per / HBM_BW * 1e3
+
+
+def _engine(cfg: LlamaConfig, params, batch: int, ctx: int, extra_tokens: int, **ecfg):
+    pages = batch * (-(-(ctx + extra_tokens) // PS)) + 64
+    cache = sj.CacheConfig(num_pages=pages, page_size=PS, num_kv_heads=cfg.num_kv_heads,
+                           head_dim=cfg.head_dim, max_seqs=batch,
+                           max_pages_per_seq=-(-(ctx + extra_tokens) // PS) + 1,
+                           num_layers=cfg.num_layers, dtype=cfg.dtype)
+    ecfg.setdefault("chunk", 512)
+    ecfg.setdefault("prefix_cache", False)
+    return Engine(LlamaModel(cfg), params, cache, EngineConfig(**ecfg))
+
+
+def _fill(eng: Engine, batch: int, ctx: int, max_new: int, seed=0):
+    """Submit `batch` requests of `ctx - 1` prompt tokens and step until every one decodes."""
+    rng = np.random.default_rng(seed)
+    hs = [eng.submit(rng.integers(0, eng.model.vocab_size, size=ctx - 1),
+                     SamplingParams(max_new_tokens=max_new)) for _ in range(batch)]
+    while any(not r.prompt_done for r in eng._running.values()) or eng._waiting:
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    return hs
+
+
+def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
+    cfg, ctx = SHAPES[shape]
+    params = init_params(cfg, 0)
+    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps + 64)
+    _fill(eng, batch, ctx, max_new=4 * n_steps + 32)
+    # served: Engine.step() in steady state
+    served = []
+    for _ in range(3):
+        jax.block_until_ready(eng.last_tok)
+        t0 = time.perf_counter()
+        for _ in range(n_steps // 3):
+            eng.step()
+        jax.block_until_ready(eng.last_tok)
+        served.append((time.perf_counter() - t0) / (n_steps // 3))
+    # device-bound: the same decode program back to back
+    kind = StepKind("decode", greedy_only=True, host_plan=True)
+    fn = engine_mod._jitted_step(eng.model, eng.cache, kind, eng.B, eng.Bp, eng.config.chunk,
+                                 eng.backend)
+    while eng._pending:
+        eng._receive(eng._pending.popleft())
+    slots = sorted(eng._running)
+    d_ids = np.full((eng.B,), -1, np.int32)
+    d_ids[:len(slots)] = slots
+    lens = np.zeros((eng.B,), np.int32)
+    lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
+    inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
+    opts = eng.model.attention_options()
+    kv, state, last = eng.kv, eng.state, eng.last_tok
+    bound = []
+    for _ in range(3):
+        jax.block_until_ready(last)
+        t0 = time.perf_counter()
+        for _ in range(n_steps // 3):
+            lens[:len(slots)] += 1
+            hp = attention.host_plan_decode(eng.cache, lens, cfg.num_heads, q_dtype=eng.cache.jnp_dtype,
+                                            backend=eng.backend, **opts)
+            kv, state, last, toks, flags = fn(params, kv, state, last, inp, hp)
+        jax.block_until_ready(last)
+        bound.append((time.perf_counter() - t0) / (n_steps // 3))
+    assert bool(np.all(np.asarray(flags))), "device-bound loop: a plan or allocation check failed"
+    res = dict(shape=shape, batch=batch, ctx=ctx, served_ms=1e3 * statistics.median(served),
+               device_bound_ms=1e3 * statistics.median(bound),
+               hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
+    del eng, kv, state, last
+    if torch_too:
+        import torch_llama  # noqa: PLC0415 - benchmarks/torch_llama.py (torch + FlashInfer)
+        res.update(torch_llama.time_decode(cfg, jax.tree_util.tree_map(np.asarray, params),
+                                           batch=batch, ctx=ctx, steps=n_steps))
+    return res
+
+
+def bench_mixed(shape: str, batch: int, chunk: int, n_prompts: int) -> dict:
+    """Per-iteration time with a prefill chunk and a full decode batch, mixed vs separate."""
+    cfg, ctx = SHAPES[shape]
+    params = init_params(cfg, 0)
+    out = {}
+    for mixed in (True, False):
+        eng = _engine(cfg, params, batch + 1, ctx, extra_tokens=4 * n_prompts + 64,
+                      chunk=chunk, chunk_buckets=(chunk,), mixed_steps=mixed, max_prefill_requests=1)
+        _fill(eng, batch, ctx, max_new=4 * n_prompts + 32)
+        rng = np.random.default_rng(1)
+        # prompts of exactly one chunk generating one token: every iteration prefills one chunk
+        # beside the decode batch, then the request ends and the next is admitted
+        for _ in range(2):   # warm-up (compiles the prefill / mixed programs)
+            eng.submit(rng.integers(0, cfg.vocab_size, size=chunk), SamplingParams(max_new_tokens=1))
+        while eng._waiting or any(not r.prompt_done for r in eng._running.values()):
+            eng.step()
+        jax.block_until_ready(eng.last_tok)
+        steps0 = dict(eng.stats.steps)
+        t0 = time.perf_counter()
+        for _ in range(n_prompts):
+            eng.submit(rng.integers(0, cfg.vocab_size, size=chunk), SamplingParams(max_new_tokens=1))
+        iters = 0
+        while eng._waiting or any(not r.prompt_done for r in eng._running.values()):
+            eng.step()
+            iters += 1
+        jax.block_until_ready(eng.last_tok)
+        dt = time.perf_counter() - t0
+        steps = {k: v - steps0.get(k, 0) for k, v in eng.stats.steps.items()}
+        out["mixed" if mixed else "separate"] = dict(ms_per_iteration=1e3 * dt / iters,
+                                                     iterations=iters, steps=steps)
+        del eng
+    out["speedup"] = out["separate"]["ms_per_iteration"] / out["mixed"]["ms_per_iteration"]
+    out.update(shape=shape, batch=batch, chunk=chunk)
+    return out
+
+
+GPU_EXAMPLE = ["--requests", "128", "--batch", "64", "--chunk", "512", "--num-pages", "4096",
+               "--layers", "8", "--d-model", "1024", "--heads", "16", "--kv-heads", "4",
+               "--head-dim", "128", "--ffn", "2816", "--vocab", "32000", "--prompt-len", "64", "512",
+               "--gen-len", "32", "256", "--prefix-len", "256"]
+
+
+def _tok_s(text: str) -> float:
+    m = re.search(r"([\d,]+) generated tok/s", text)
+    return float(m.group(1).replace(",", "")) if m else float("nan")
+
+
+def bench_e2e(legacy: str | None) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, COLUMNS="200")
+    res = {}
+    runs = [("engine", root, [])]
+    if legacy:
+        runs.append(("before", Path(legacy), []))
+    for name, where, extra in runs:
+        cmd = [sys.executable, str(where / "examples" / "decode.py"), *GPU_EXAMPLE, *extra]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=where, env=dict(env, PYTHONPATH=f"{where}:{env.get('PYTHONPATH', '')}"),
+                           capture_output=True, text=True, timeout=900)
+        log(f"--- {name} ({time.perf_counter() - t0:.0f} s, exit {p.returncode})")
+        log(p.stdout[-3500:])
+        if p.returncode:
+            log(p.stderr[-3000:])
+        res[name] = dict(tok_s=_tok_s(p.stdout), exit=p.returncode)
+    if "before" in res:
+        res["speedup"] = res["engine"]["tok_s"] / res["before"]["tok_s"]
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sections", nargs="+", choices=("all", "decode", "mixed", "e2e"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--shapes", nargs="+", default=["small", "1b"])
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--legacy", default=None, help="a checkout of the code before the engine (e2e)")
+    a = ap.parse_args(argv)
+    secs = {"decode", "mixed", "e2e"} if "all" in a.sections else set(a.sections)
+    gpu = jax.devices()[0].device_kind.replace(" ", "_")
+    results = {}
+    if "decode" in secs:
+        rows = []
+        for shape in a.shapes:
+            for b in a.batches:
+                r = bench_decode(shape, b, a.steps, torch_too=not a.no_torch)
+                rows.append(r)
+                log(json.dumps(r))
+        results["decode"] = rows
+        log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
+        log(f"{'shape':6} {'batch':>5} {'served':>8} {'dev-bound':>9} {'torch eager':>11} "
+            f"{'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} {'served/floor':>12}")
+        for r in rows:
+            te, tg = r.get("torch_eager_ms", float("nan")), r.get("torch_graph_ms", float("nan"))
+            log(f"{r['shape']:6} {r['batch']:5d} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
+                f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
+                f"{r['served_ms'] / r['hbm_floor_ms']:12.2f}")
+    if "mixed" in secs:
+        r = bench_mixed(a.shapes[0], 64, 512, 24)
+        results["mixed"] = r
+        log(json.dumps(r))
+    if "e2e" in secs:
+        r = bench_e2e(a.legacy)
+        results["e2e"] = r
+        log(json.dumps(r))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for k, v in results.items():
+            (out / f"serve_{k}_{gpu}.json").write_text(json.dumps(v, indent=1))
+
+
+if __name__ == "__main__":
+    main()

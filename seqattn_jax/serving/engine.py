@@ -1,0 +1,673 @@
+"""`Engine`: continuous batching over a paged KV cache, for any model of the `ServingModel` protocol.
+
+    engine = Engine(model, params, cache_config, EngineConfig(chunk=256))
+    handle = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64, temperature=0.7, seed=1))
+    for token in handle:             # streams; drives the engine while it waits
+        ...
+    outputs = engine.generate([p1, p2, ...], SamplingParams(max_new_tokens=32))   # all at once
+
+What one iteration (`Engine.step`) does, on the host:
+  1. events: cancelled and finished requests give back their slot and pages; waiting requests are
+     admitted (first come, first served) while a slot is free and the pages of their whole life
+     (prompt + max_new_tokens) fit beside what running requests are still owed, so no running
+     request is ever stopped for lack of pages. With the prefix cache, a prompt's cached prefix is
+     shared at admission and its full pages are indexed once its prefill is done.
+  2. work: a prefill chunk (up to `chunk` rows of the oldest prefilling requests) and a decode row
+     for every request whose prompt is done; run as ONE "mixed" step (batch POD attention) when
+     both exist (`mixed_steps`), else as a prefill step and/or a decode step.
+  3. dispatch, then read back the PREVIOUS step's sampled tokens (`async_steps`): the GPU has the
+     next step queued while the host reads, so it never waits for the host in the steady state.
+     Decode inputs never come from the host: each slot's last sampled token stays on the device
+     (`last_tok`) and the next step reads it there. A request that generates a stop token has at
+     most one more token computed (already dispatched), which is discarded.
+
+Host mirrors instead of device reads: the host knows every sequence's length (it schedules every
+token), so it plans FlashInfer's decode on the host (`host_plan_decode`) and counts free pages
+itself (admission takes the prompt's pages, a decode step takes a page when a sequence crosses a
+page boundary, a release gives them back). Without the prefix cache no iteration reads the device
+except the lagged tokens. The prefix cache's index needs page ids and reference counts from the
+device: its events (admission with sharing, indexing a finished prompt, release) re-read the
+reference counts, which waits for the dispatched steps (documented cost; steady-state decode
+steps have no such event).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqattn_jax import attention
+from seqattn_jax.config import CacheConfig
+from seqattn_jax.kv import init_kv
+from seqattn_jax.prefix_cache import PrefixCache
+from seqattn_jax.serving.model import ServingModel
+from seqattn_jax.serving.sampling import SamplingParams
+from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec
+from seqattn_jax.state import allocate, init_state, release
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestHandle"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine schedules (all static).
+
+    Attributes:
+      chunk: prefill token rows per step (the largest bucket).
+      chunk_buckets: smaller prefill row counts compiled too; a step takes the smallest bucket that
+        holds its chunk (a mixed step with a 20-token prompt tail does not pay for `chunk` rows).
+        Default: `chunk // 8` (at least 16) and `chunk`.
+      max_prefill_requests: most requests sharing one prefill chunk.
+      prefix_cache: share cached prompt prefixes (`seqattn_jax.PrefixCache`).
+      mixed_steps: run a prefill chunk and the decode batch as one forward (batch POD).
+      async_steps: dispatch step t+1 before reading step t's tokens (the host lags one step).
+      host_plans: plan FlashInfer's decode steps on the host (no device sync per step).
+      backend: attention backend, "auto" | "reference" | "flashinfer".
+    """
+
+    chunk: int = 256
+    chunk_buckets: tuple[int, ...] | None = None
+    max_prefill_requests: int = 8
+    prefix_cache: bool = True
+    mixed_steps: bool = True
+    async_steps: bool = True
+    host_plans: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("chunk", "max_prefill_requests"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
+        buckets = self.chunk_buckets
+        if buckets is None:
+            buckets = tuple(sorted({max(16, self.chunk // 8), self.chunk})) if self.chunk > 16 \
+                else (self.chunk,)
+        buckets = tuple(sorted(set(int(b) for b in buckets) | {self.chunk}))
+        if buckets[0] <= 0 or buckets[-1] != self.chunk:
+            raise ValueError(f"EngineConfig.chunk_buckets must be positive ints <= chunk "
+                             f"({self.chunk}), got {self.chunk_buckets!r}")
+        object.__setattr__(self, "chunk_buckets", buckets)
+        if self.backend not in attention.BACKENDS:
+            raise ValueError(f"EngineConfig.backend must be one of {attention.BACKENDS}, "
+                             f"got {self.backend!r}")
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters and host-side timings of an engine's life."""
+
+    steps: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prefill_tokens: int = 0        # prompt tokens computed
+    reused_tokens: int = 0         # prompt tokens taken from the prefix cache
+    generated_tokens: int = 0      # tokens handed to callers
+    discarded_tokens: int = 0      # computed after a stop token, dropped
+    decode_rows: int = 0           # sum of decode batch occupancy
+    syncs: int = 0                 # host reads of device state outside the lagged tokens
+    peak_running: int = 0
+    peak_pages_in_use: int = 0
+
+
+class _Request:
+    __slots__ = ("id", "prompt", "sampling", "handle", "on_token", "slot", "prefilled", "kv_len",
+                 "n_sched", "tokens", "finish_reason", "error", "cancelled", "released", "cached",
+                 "indexed", "t_submit")
+
+    def __init__(self, rid, prompt, sampling, on_token):
+        self.id, self.prompt, self.sampling, self.on_token = rid, prompt, sampling, on_token
+        self.slot = -1
+        self.prefilled = 0        # prompt tokens in the KV cache or scheduled into a dispatched chunk
+        self.kv_len = 0           # KV length after every dispatched step
+        self.n_sched = 0          # generated tokens scheduled (dispatched)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.released = True      # holds no slot
+        self.cached = 0           # prompt tokens shared from the prefix cache
+        self.indexed = False      # full prompt pages handed to the prefix cache
+        self.t_submit = time.perf_counter()
+        self.handle = None
+
+    @property
+    def final_len(self) -> int:
+        """KV length at the end: the last generated token is never fed back."""
+        return len(self.prompt) + self.sampling.max_new_tokens - 1
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.prefilled >= len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestHandle:
+    """A submitted request: its tokens so far, its state, and an iterator over its tokens.
+
+    Iterating yields each generated token as soon as the engine has it, running engine steps
+    while none is buffered; it ends when the request finishes ("stop", "length" or "cancelled").
+    """
+
+    def __init__(self, engine: "Engine", req: _Request):
+        self._engine, self._req = engine, req
+
+    @property
+    def id(self) -> int:
+        return self._req.id
+
+    @property
+    def tokens(self) -> list[int]:
+        """Generated tokens received so far (a copy)."""
+        return list(self._req.tokens)
+
+    @property
+    def done(self) -> bool:
+        return self._req.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """None while running; "stop" (a stop token), "length" (max_new_tokens) or "cancelled"."""
+        return self._req.finish_reason
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+    def result(self) -> np.ndarray:
+        """Run the engine until this request finishes; its generated tokens (int32)."""
+        while not self._req.finished:
+            self._engine.step()
+        return np.asarray(self._req.tokens, np.int32)
+
+    def __iter__(self) -> Iterator[int]:
+        """Every generated token from the first, waiting (running engine steps) for new ones."""
+        read = 0
+        while True:
+            if read < len(self._req.tokens):
+                read += 1
+                yield self._req.tokens[read - 1]
+            elif self._req.finished:
+                return
+            else:
+                self._engine.step()
+
+    def __repr__(self):
+        return (f"RequestHandle(id={self.id}, tokens={len(self._req.tokens)}, "
+                f"finish_reason={self.finish_reason!r})")
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose tokens the host has not read yet."""
+
+    tokens: jax.Array                     # int32 [R]
+    flags: jax.Array                      # bool [2]: allocation ok, plan ok
+    rows: list                            # (row index, request) whose token counts
+    kind: str
+
+
+# Trace counts of the step programs, by (model, cache, kind, B, Bp, C, backend): each compiles once
+# per process however many engines use it (tests and `chex.assert_max_traces`-style checks read it).
+STEP_TRACES: collections.Counter = collections.Counter()
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(model, cache, kind, B, Bp, C, backend):
+    """One jitted step program per static configuration, shared by every engine (a second engine
+    with the same model and cache compiles nothing). The pool, state and last_tok are donated."""
+    step = build_step(model, cache, kind, B=B, Bp=Bp, C=C, backend=backend)
+    key = (model, cache, kind, B, Bp, C, backend)
+
+    def traced(*args):
+        STEP_TRACES[key] += 1
+        return step(*args)
+
+    return jax.jit(traced, donate_argnums=(1, 2, 3))
+
+
+class Engine:
+    """Continuous batching over a paged KV cache (see the module docstring).
+
+    Args:
+      model: a `ServingModel` (e.g. `seqattn_jax.models.llama.LlamaModel`).
+      params: its parameters, in the compute dtype (the engine never casts them).
+      cache: the `CacheConfig`: `max_seqs` is the decode batch (slots), `num_pages` the pool,
+        `max_pages_per_seq * page_size` the longest request (prompt + generated tokens).
+      config: `EngineConfig`.
+    """
+
+    def __init__(self, model: ServingModel, params, cache: CacheConfig,
+                 config: EngineConfig = EngineConfig()):
+        if not isinstance(cache, CacheConfig):
+            raise ValueError(f"Engine: cache must be a CacheConfig, got {type(cache).__name__}")
+        if not isinstance(config, EngineConfig):
+            raise ValueError(f"Engine: config must be an EngineConfig, got {type(config).__name__}")
+        for name, want in (("num_layers", cache.num_layers), ("num_kv_heads", cache.num_kv_heads),
+                           ("head_dim", cache.head_dim)):
+            got = getattr(model, name, None)
+            if got != want:
+                raise ValueError(f"Engine: model.{name} = {got!r} does not match the cache config's "
+                                 f"{name} = {want}")
+        self.model, self.params, self.cache, self.config = model, params, cache, config
+        self.B = cache.max_seqs
+        self.Bp = min(config.max_prefill_requests, cache.max_seqs)
+        self.backend = attention.resolve_backend(config.backend)
+        self.kv = init_kv(cache)
+        self.state = init_state(cache)
+        self.last_tok = jnp.zeros((cache.max_seqs,), jnp.int32)
+        self.pc = PrefixCache(cache) if config.prefix_cache else None
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: dict[int, _Request] = {}          # slot -> request
+        self._free_slots = list(range(self.B))
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._checks: list = []                          # device ok flags of async ops, checked lazily
+        self._free = cache.num_pages                      # host mirror: free pages
+        self._rc: np.ndarray | None = None               # prefix cache: refcounts at the last sync
+        self._alloc = jax.jit(lambda s, ids, lens: allocate(s, ids, lens), donate_argnums=(0,))
+        self._release = jax.jit(lambda s, ids: release(s, ids), donate_argnums=(0,))
+
+    # ------------------------------------------------------------------------ public API
+
+    def submit(self, prompt, sampling: SamplingParams | None = None, *,
+               on_token: Callable[[int], None] | None = None) -> RequestHandle:
+        """Queue a request. Returns its `RequestHandle`.
+
+        Args:
+          prompt: 1-D int token ids, at least one, each in [0, model.vocab_size).
+          sampling: `SamplingParams` (default: greedy, 16 tokens).
+          on_token: called with each generated token, in order, as the engine receives it.
+        Raises:
+          ValueError naming the problem (empty prompt, out-of-vocabulary id, a request that can
+          never fit in the cache): nothing is queued and other requests are unaffected.
+        """
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"submit: sampling must be a SamplingParams, got {type(sampling).__name__}")
+        p = np.asarray(prompt)
+        if p.ndim != 1 or (p.size and not np.issubdtype(p.dtype, np.integer)):
+            raise ValueError(f"submit: prompt must be a 1-D sequence of int token ids, got "
+                             f"{p.dtype}{p.shape}")
+        if p.size == 0:
+            raise ValueError("submit: prompt is empty (at least one token is needed to start "
+                             "generating)")
+        vocab = self.model.vocab_size
+        bad = np.nonzero((p < 0) | (p >= vocab))[0]
+        if bad.size:
+            raise ValueError(f"submit: prompt token id {int(p[bad[0]])} at position {int(bad[0])} "
+                             f"is outside the vocabulary [0, {vocab})")
+        req = _Request(next(self._ids), p.astype(np.int32), sampling, on_token)
+        need = self.cache.pages_for(req.final_len)
+        limit = min(self.cache.max_pages_per_seq, self.cache.num_pages)
+        if need > limit:
+            raise ValueError(
+                f"submit: prompt ({p.size} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+                f"needs {need} pages of {self.cache.page_size} tokens; a request can hold at most "
+                f"{limit} (CacheConfig.max_pages_per_seq / num_pages)")
+        req.handle = RequestHandle(self, req)
+        self._waiting.append(req)
+        return req.handle
+
+    def cancel(self, handle: RequestHandle | int) -> None:
+        """Stop a request now: it generates nothing more, and its slot and pages are freed at the
+        next step. Cancelling a finished request does nothing."""
+        rid = handle.id if isinstance(handle, RequestHandle) else int(handle)
+        for r in self._waiting:
+            if r.id == rid:
+                self._waiting.remove(r)
+                self._finish(r, "cancelled")
+                return
+        for r in self._running.values():
+            if r.id == rid and not r.finished:
+                r.cancelled = True
+                self._finish(r, "cancelled")
+                return
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._pending)
+
+    def step(self) -> bool:
+        """One iteration (events, dispatch, lagged read-back). Returns `has_work`."""
+        self._events()
+        dispatched = self._dispatch()
+        lag = 1 if (self.config.async_steps and dispatched) else 0
+        while len(self._pending) > lag:
+            self._receive(self._pending.popleft())
+        if not dispatched and not self._pending and (self._waiting and not self._running):
+            r = self._waiting[0]
+            raise RuntimeError(f"request {r.id} cannot be admitted into an empty engine "
+                               f"(a scheduler bug: submit checks that every request fits)")
+        return self.has_work
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while self.step():
+            pass
+
+    def generate(self, prompts: Sequence, sampling: SamplingParams | Sequence[SamplingParams] | None
+                 = None) -> list[np.ndarray]:
+        """Submit every prompt, run to completion, return each request's generated tokens."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(sampling)} SamplingParams")
+        handles = [self.submit(p, s) for p, s in zip(prompts, sampling)]
+        self.run()
+        return [h.result() for h in handles]
+
+    # ------------------------------------------------------------------------ pages
+
+    @property
+    def num_free_pages(self) -> int:
+        """Free pages by the host mirror (no device read)."""
+        return self._free
+
+    def _owed(self) -> int:
+        """Pages running requests will still take (decode growth up to their final length)."""
+        cfg = self.cache
+        return sum(cfg.pages_for(r.final_len) - cfg.pages_for(self._held(r))
+                   for r in self._running.values() if not r.released and not r.finished)
+
+    def _sync_rc(self) -> None:
+        """Prefix cache: re-read the reference counts (waits for every dispatched step)."""
+        self._rc = np.asarray(self.state.refcount)
+        self._free = int(np.sum(self._rc == 0))
+        self.stats.syncs += 1
+
+    def _evictable(self) -> np.ndarray:
+        return self.pc.cached_mask & (self._rc == 1)
+
+    def check_idle(self) -> dict:
+        """With no request left: evict the prefix cache and read the allocator back. Returns
+        {"pages_in_use", "active_slots"}; both are 0 unless pages leaked."""
+        if self.has_work:
+            raise RuntimeError("check_idle: requests are still running")
+        self._flush_checks()
+        if self.pc is not None:
+            self.state = self.pc.evict(self.state).state
+        rc = np.asarray(self.state.refcount)
+        return {"pages_in_use": int(np.sum(rc != 0)),
+                "active_slots": int(np.sum(np.asarray(self.state.active)))}
+
+    # ------------------------------------------------------------------------ events
+
+    def _finish(self, r: _Request, reason: str) -> None:
+        if r.finish_reason is None:
+            r.finish_reason = reason
+
+    def _events(self) -> None:
+        cfg = self.cache
+        # 1. give back the slots of finished / cancelled requests
+        # (a request whose every token is dispatched gives its slot back now: the release runs on
+        # the device after those steps, as the state threads through them, and its last tokens
+        # still arrive through the pending steps)
+        done = [r for r in self._running.values() if not r.released and (
+            r.finished or (r.prompt_done and r.n_sched >= r.sampling.max_new_tokens))]
+        if done:
+            self._release_slots(done)
+        for r in [r for r in self._running.values() if r.released]:
+            del self._running[r.slot]
+            self._free_slots.append(r.slot)
+        # 2. index the full pages of prompts whose prefill has been dispatched
+        if self.pc is not None:
+            fresh = [r for r in self._running.values()
+                     if r.prompt_done and not r.indexed and not r.released]
+            if fresh:
+                self.state = self.pc.insert_slots(
+                    self.state, self._pad([r.slot for r in fresh]),
+                    [r.prompt for r in fresh] + [np.zeros((0,), np.int32)] * (self.B - len(fresh)))
+                for r in fresh:
+                    r.indexed = True
+                self._rc = None
+        # 3. admit waiting requests, first come first served
+        admit: list[_Request] = []
+        if self._waiting and self._free_slots:
+            owed = self._owed()
+            if self.pc is not None and self._rc is None:
+                self._sync_rc()
+            free = self._free
+            evictable = self._evictable() if self.pc is not None else None
+            claimed = 0
+            while self._waiting and len(admit) < len(self._free_slots):
+                r = self._waiting[0]
+                need = cfg.pages_for(r.final_len)
+                avail = free - owed - claimed
+                if self.pc is not None:
+                    pages, _ = self.pc.match(r.prompt, max_tokens=len(r.prompt) - 1)
+                    shared = np.asarray(pages, np.int64)
+                    avail += int(evictable.sum()) - int(evictable[shared].sum())
+                    need -= len(pages)
+                if avail < need:
+                    break
+                self._waiting.popleft()
+                admit.append(r)
+                claimed += need
+        if admit:
+            self._admit(admit)
+        if self.pc is not None and self._running:
+            # decode steps must never wait for an eviction: keep every owed page free
+            owed = self._owed()
+            if self._free < owed:
+                self.state = self.pc.make_room(self.state, owed).state
+                self._sync_rc()
+
+    def _pad(self, values, fill=-1) -> np.ndarray:
+        out = np.full((self.B,), fill, np.int32)
+        out[:len(values)] = values
+        return out
+
+    def _admit(self, reqs: list[_Request]) -> None:
+        slots = [self._free_slots.pop(0) for _ in reqs]
+        for r, s in zip(reqs, slots):
+            r.slot, r.released = s, False
+            self._running[s] = r
+        if self.pc is None:
+            lens = [len(r.prompt) for r in reqs]
+            self.state, ok = self._alloc(self.state, self._pad(slots), self._pad(lens, 0))
+            self._checks.append(("admission", ok))
+            self._free -= sum(self.cache.pages_for(n) for n in lens)
+            cached = [0] * len(reqs)
+        else:
+            adm = self.pc.admit_batch(self.state, self._pad(slots),
+                                      [r.prompt for r in reqs] + [np.zeros((1,), np.int32)] *
+                                      (self.B - len(reqs)))
+            if not np.all(adm.ok[:len(reqs)]):
+                raise RuntimeError(f"admission refused (status {adm.status[:len(reqs)].tolist()}): "
+                                   "a scheduler bug, pages are checked before admission")
+            self.state = adm.state
+            cached = [int(c) for c in adm.num_cached[:len(reqs)]]
+            self._sync_rc()
+        for r, c in zip(reqs, cached):
+            r.cached = r.prefilled = c
+            r.kv_len = c
+            self.stats.reused_tokens += c
+        self.stats.peak_running = max(self.stats.peak_running, len(self._running))
+
+    def _release_slots(self, reqs: list[_Request]) -> None:
+        slots = self._pad([r.slot for r in reqs])
+        if self.pc is None:
+            self.state, ok = self._release(self.state, slots)
+            self._checks.append(("release", ok))
+            self._free += sum(self.cache.pages_for(self._held(r)) for r in reqs)
+        else:
+            self.state, oks, _ = self.pc.release(self.state, slots)
+            if not np.all(oks):
+                raise RuntimeError(f"release of slots {[r.slot for r in reqs]} refused")
+            self._sync_rc()
+        for r in reqs:
+            r.released = True
+
+    def _held(self, r: _Request) -> int:
+        """KV tokens the allocator holds for `r`: the whole prompt from admission on, plus the
+        decode growth."""
+        return max(len(r.prompt), r.kv_len)
+
+    # ------------------------------------------------------------------------ steps
+
+    def _step_fn(self, kind: StepKind, C: int):
+        return _jitted_step(self.model, self.cache, kind, self.B, self.Bp, C, self.backend)
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.config.chunk_buckets if b >= n)
+
+    def _plan_prefill(self):
+        """The next prefill chunk: [(request, n tokens)], oldest admitted first."""
+        room, work = self.config.chunk, []
+        for r in self._running.values():
+            if room == 0 or len(work) == self.Bp:
+                break
+            if r.finished or r.prompt_done:
+                continue
+            n = min(room, len(r.prompt) - r.prefilled)
+            work.append((r, n))
+            room -= n
+        return work
+
+    def _dispatch(self) -> bool:
+        prefill = self._plan_prefill()
+        decode = [r for r in self._running.values()
+                  if r.prompt_done and not r.finished and not r.released
+                  and r.n_sched < r.sampling.max_new_tokens and r.n_sched > 0]
+        if not prefill and not decode:
+            return False
+        if prefill and decode and self.config.mixed_steps:
+            self._launch("mixed", prefill, decode)
+        else:
+            if prefill:
+                self._launch("prefill", prefill, [])
+            if decode:
+                self._launch("decode", [], decode)
+        return True
+
+    def _launch(self, kind_name: str, prefill, decode) -> None:
+        cfg, B, Bp = self.cache, self.B, self.Bp
+        rows: list[tuple[int, _Request]] = []
+        samplers: list[SamplingParams | None] = []
+        counters: list[int] = []
+        inp: dict[str, np.ndarray] = {}
+        C = self._bucket(sum(n for _, n in prefill)) if prefill else self.config.chunk
+        if prefill:
+            toks, ids, new, end, emit = [], [], [], [], []
+            for i, (r, n) in enumerate(prefill):
+                toks.append(r.prompt[r.prefilled:r.prefilled + n])
+                ids.append(r.slot)
+                new.append(n)
+                end.append(r.prefilled + n)
+                last = r.prefilled + n == len(r.prompt)
+                emit.append(r.slot if last else -1)
+                r.prefilled += n
+                r.kv_len = max(r.kv_len, r.prefilled)
+                self.stats.prefill_tokens += n
+                samplers.append(r.sampling)
+                counters.append(0)
+                if last:
+                    rows.append((i, r))
+                    r.n_sched = 1
+            t = np.zeros((C,), np.int32)
+            cat = np.concatenate(toks)
+            t[:cat.size] = cat
+            inp.update(p_tokens=t, p_ids=self._padp(ids), p_new=self._padp(new, 0),
+                       p_end=self._padp(end, 0), p_emit=self._padp(emit))
+            samplers += [None] * (Bp - len(prefill))
+            counters += [0] * (Bp - len(prefill))
+        host_plan = None
+        if decode:
+            off = Bp if prefill else 0
+            d_ids = np.full((B,), -1, np.int32)
+            lens = np.zeros((B,), np.int32)
+            d_samplers: list[SamplingParams | None] = [None] * B
+            d_counters = [0] * B
+            for i, r in enumerate(decode):
+                d_ids[i] = r.slot
+                if r.kv_len % cfg.page_size == 0:
+                    self._free -= 1          # the step's allocate_decoding takes a new page
+                r.kv_len += 1
+                lens[i] = r.kv_len
+                d_samplers[i] = r.sampling
+                d_counters[i] = r.n_sched
+                r.n_sched += 1
+                rows.append((off + i, r))
+            inp["d_ids"] = d_ids
+            samplers += d_samplers
+            counters += d_counters
+            self.stats.decode_rows += len(decode)
+        use_host_plan = kind_name == "decode" and self.config.host_plans
+        kind = StepKind(kind_name, greedy_only=all(s is None or s.greedy for s in samplers),
+                        host_plan=use_host_plan)
+        if use_host_plan:
+            host_plan = attention.host_plan_decode(cfg, lens, self.model.num_heads,
+                                                   q_dtype=cfg.jnp_dtype, backend=self.backend,
+                                                   **self.model.attention_options())
+        inp.update(self._sampling_arrays(samplers, counters))
+        spec = step_inputs_spec(kind, B, Bp, C)
+        assert set(spec) == set(inp), (sorted(spec), sorted(inp))
+        fn = self._step_fn(kind, C)
+        try:
+            self.kv, self.state, self.last_tok, toks, flags = fn(
+                self.params, self.kv, self.state, self.last_tok, inp, host_plan)
+        except Exception:
+            if use_host_plan:
+                attention.discard_host_plans()
+            raise
+        self.stats.steps[kind_name] += 1
+        self._pending.append(_Pending(toks, flags, rows, kind_name))
+        in_use = cfg.num_pages - self._free
+        self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
+
+    def _padp(self, values, fill=-1) -> np.ndarray:
+        out = np.full((self.Bp,), fill, np.int32)
+        out[:len(values)] = values
+        return out
+
+    def _sampling_arrays(self, samplers, counters) -> dict[str, np.ndarray]:
+        g = SamplingParams()
+        ss = [g if s is None else s for s in samplers]
+        return dict(temperature=np.asarray([s.temperature for s in ss], np.float32),
+                    top_k=np.asarray([s.top_k for s in ss], np.int32),
+                    top_p=np.asarray([s.top_p for s in ss], np.float32),
+                    seed=np.asarray([s.seed % (1 << 32) for s in ss], np.uint32),
+                    counter=np.asarray(counters, np.int32))
+
+    # ------------------------------------------------------------------------ read-back
+
+    def _flush_checks(self) -> None:
+        for what, ok in self._checks:
+            if not bool(np.all(np.asarray(ok))):
+                raise RuntimeError(f"engine: a device {what} was refused (the host's page mirror "
+                                   "is out of step with the allocator: an engine bug)")
+        self._checks.clear()
+
+    def _receive(self, p: _Pending) -> None:
+        toks = np.asarray(p.tokens)
+        flags = np.asarray(p.flags)
+        if not flags[0]:
+            raise RuntimeError(f"engine: a {p.kind} step's page allocation was refused (the host's "
+                               "page mirror is out of step with the allocator: an engine bug)")
+        if not flags[1]:
+            raise RuntimeError(f"engine: a {p.kind} step ran with a host plan made for other "
+                               "lengths (an engine bug)")
+        self._flush_checks()
+        for i, r in p.rows:
+            if r.finished:
+                self.stats.discarded_tokens += 1
+                continue
+            t = int(toks[i])
+            r.tokens.append(t)
+            self.stats.generated_tokens += 1
+            if r.on_token is not None:
+                r.on_token(t)
+            if t in r.sampling.stop_token_ids:
+                self._finish(r, "stop")
+            elif len(r.tokens) >= r.sampling.max_new_tokens:
+                self._finish(r, "length")

@@ -1,0 +1,174 @@
+"""The engine's jitted step: one forward over a prefill chunk, a decode batch, or both at once.
+
+Row layout of a step (static shapes, so each kind compiles once):
+
+    rows [0, C)        prefill chunk: up to `Bp` requests' next prompt tokens, back to back
+    rows [C, C + B)    decode batch: row C + b is slot `d_ids[b]`'s next token (-1: padding)
+
+kind "prefill" has only the first block, "decode" only the second, "mixed" both, run through one
+batch-POD attention call per layer (FlashInfer's fused prefill + decode kernel) instead of a prefill
+forward and then a decode forward.
+
+The decode rows' input tokens are never sent from the host: `last_tok` (int32 [max_seqs], one
+entry per slot, on the device) holds each slot's latest sampled token and the step reads it there,
+so the host can dispatch step t+1 before it has read step t's tokens. The step writes its sampled
+tokens back into `last_tok` (decode rows always; a prefill row only when that chunk ends the
+prompt, `p_emit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from seqattn_jax import attention
+from seqattn_jax.config import CacheConfig
+from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
+from seqattn_jax.serving.sampling import sample_tokens
+from seqattn_jax.state import allocate_decoding
+
+__all__ = ["StepKind", "build_step", "step_inputs_spec"]
+
+KINDS = ("prefill", "decode", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKind:
+    """Everything static about one step program (the jit cache key besides shapes).
+
+    kind: "prefill" | "decode" | "mixed"; greedy_only: every row greedy (no sort / draws);
+    host_plan: the decode plan comes from a `HostPlan` argument (made on the host before dispatch).
+    """
+
+    kind: str
+    greedy_only: bool = True
+    host_plan: bool = False
+
+    @property
+    def has_prefill(self) -> bool:
+        return self.kind in ("prefill", "mixed")
+
+    @property
+    def has_decode(self) -> bool:
+        return self.kind in ("decode", "mixed")
+
+
+def num_out_rows(kind: StepKind, B: int, Bp: int) -> int:
+    """Sampled rows of a step: one per prefill request, then one per decode slot."""
+    return (Bp if kind.has_prefill else 0) + (B if kind.has_decode else 0)
+
+
+def step_inputs_spec(kind: StepKind, B: int, Bp: int, C: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of the host arrays a step of `kind` takes."""
+    spec = {}
+    if kind.has_prefill:
+        spec.update(p_tokens=((C,), "int32"), p_ids=((Bp,), "int32"), p_new=((Bp,), "int32"),
+                    p_end=((Bp,), "int32"), p_emit=((Bp,), "int32"))
+    if kind.has_decode:
+        spec.update(d_ids=((B,), "int32"))
+    r = num_out_rows(kind, B, Bp)
+    spec.update(temperature=((r,), "float32"), top_k=((r,), "int32"), top_p=((r,), "float32"),
+                seed=((r,), "uint32"), counter=((r,), "int32"))
+    return spec
+
+
+def _write_view(packed_p: PackedBatch, packed_d: PackedBatch) -> PackedBatch:
+    """A PackedBatch whose token rows are the prefill rows then the decode rows: what `append_kv`
+    reads (`token_pages`, `token_offsets`) for one scatter over the whole step."""
+    cat = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+    return dataclasses.replace(
+        packed_p, batch_indices=cat(packed_p.batch_indices, packed_d.batch_indices),
+        positions=cat(packed_p.positions, packed_d.positions),
+        token_pages=cat(packed_p.token_pages, packed_d.token_pages),
+        token_offsets=cat(packed_p.token_offsets, packed_d.token_offsets))
+
+
+def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int,
+               backend: str):
+    """The pure step function of `kind` (jit it with the pool, state and last_tok donated).
+
+    step(params, kv, state, last_tok, inp, host_plan) ->
+        (kv, state, last_tok, tokens int32 [R], flags bool [2] = (allocation ok, plan ok))
+
+    `inp` holds the arrays of `step_inputs_spec`; `host_plan` is a `HostPlan` when
+    `kind.host_plan`, else None.
+    """
+    if kind.kind not in KINDS:
+        raise ValueError(f"StepKind.kind must be one of {KINDS}, got {kind.kind!r}")
+    opts = dict(model.attention_options())
+    hq, dtype = model.num_heads, cache.jnp_dtype
+
+    def step(params, kv, state, last_tok, inp, host_plan):
+        packed_p = packed_d = None
+        ok_alloc = jnp.asarray(True)
+        if kind.has_prefill:
+            # Admission allocated every prompt page; a chunk covers positions end - new .. end - 1,
+            # so pack it as if each request ended at this chunk's end (same page table).
+            slot = jnp.where(inp["p_ids"] >= 0, inp["p_ids"], cache.max_seqs)
+            view = dataclasses.replace(
+                state, seq_lens=state.seq_lens.at[slot].set(inp["p_end"], mode="drop"))
+            packed_p = pack_for_flashinfer(view, inp["p_ids"], inp["p_new"], max_tokens=C)
+        if kind.has_decode:
+            d_ids = inp["d_ids"]
+            state, ok = allocate_decoding(state, d_ids)
+            ok_alloc = jnp.all(ok)
+            d_ids = jnp.where(ok_alloc, d_ids, -1)   # never write where the allocation was refused
+            packed_d = pack_for_flashinfer(state, d_ids)
+            d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
+                mode="fill", fill_value=0)
+
+        if kind.kind == "prefill":
+            tokens, positions, write = inp["p_tokens"], packed_p.positions, packed_p
+            plan = attention.plan_prefill(cache, packed_p, hq, causal=True, q_dtype=dtype,
+                                          backend=backend, **opts)
+            logit_rows = jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1)
+        elif kind.kind == "decode":
+            tokens, positions, write = d_tokens, packed_d.positions, packed_d
+            if kind.host_plan:
+                plan = attention.adopt_plan(host_plan, packed_d)
+            else:
+                plan = attention.plan_decode(cache, packed_d, hq, q_dtype=dtype, backend=backend,
+                                             **opts)
+            logit_rows = jnp.arange(B, dtype=jnp.int32)
+        else:
+            tokens = jnp.concatenate([inp["p_tokens"], d_tokens])
+            positions = jnp.concatenate([packed_p.positions, packed_d.positions])
+            write = _write_view(packed_p, packed_d)
+            plan = attention.plan_batch_pod(cache, packed_p, packed_d, hq, causal_p=True,
+                                            q_dtype=dtype, backend=backend, **opts)
+            logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
+                                          C + jnp.arange(B, dtype=jnp.int32)])
+
+        def attend(q, k, v, kv, layer):
+            kv = attention.append_kv(cache, kv, k, v, write, layer=layer, backend=backend,
+                                     plan=plan, impl="scatter")
+            if kind.kind == "prefill":
+                out = attention.batch_prefill(cache, q, kv, packed_p, layer=layer, causal=True,
+                                              backend=backend, plan=plan, **opts)
+            elif kind.kind == "decode":
+                out = attention.batch_decode(cache, q, kv, packed_d, layer=layer,
+                                             backend=backend, plan=plan, **opts)
+            else:
+                out_p, out_d = attention.batch_pod(cache, q[:C], packed_p, q[C:], packed_d, kv,
+                                                   layer=layer, causal_p=True, backend=backend,
+                                                   plan=plan, **opts)
+                out = jnp.concatenate([out_p, out_d])
+            return out.astype(q.dtype), kv
+
+        logits, kv = model.forward(params, tokens, positions, kv, attend, logit_rows)
+        toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
+                             inp["counter"], greedy_only=kind.greedy_only)
+        drop = cache.max_seqs
+        if kind.has_prefill:
+            emit = jnp.where(inp["p_emit"] >= 0, inp["p_emit"], drop)
+            last_tok = last_tok.at[emit].set(toks[:Bp], mode="drop")
+        if kind.has_decode:
+            off = Bp if kind.has_prefill else 0
+            last_tok = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].set(toks[off:off + B],
+                                                                            mode="drop")
+        flags = jnp.stack([ok_alloc, plan.ok])
+        return kv, state, last_tok, toks, flags
+
+    return step

@@ -1,0 +1,218 @@
+"""The serving engine on the reference backend (CPU): tokens against a dense model, modes, sampling,
+stop conditions, streaming, bad input, cancellation, page leaks."""
+
+from __future__ import annotations
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqattn_jax as sj
+from seqattn_jax.serving import Engine, EngineConfig, SamplingParams, sample_tokens
+from seqattn_jax.serving import engine as engine_mod
+from tests.serving_model import TinyModel
+
+MODEL = TinyModel()
+PARAMS = MODEL.init(0)
+CACHE = sj.CacheConfig(num_pages=48, page_size=4, num_kv_heads=2, head_dim=8, max_seqs=4,
+                       max_pages_per_seq=12, num_layers=2, dtype="float32")
+
+
+def _engine(**kw):
+    kw.setdefault("chunk", 16)
+    kw.setdefault("max_prefill_requests", 3)
+    kw.setdefault("backend", "reference")
+    return Engine(MODEL, PARAMS, CACHE, EngineConfig(**kw))
+
+
+def _prompts(seed, n, lo=1, hi=20, prefix_len=9):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, MODEL.vocab_size, size=prefix_len)
+    out = []
+    for i in range(n):
+        own = rng.integers(0, MODEL.vocab_size, size=int(rng.integers(lo, hi)))
+        out.append(np.concatenate([prefix, own]) if i % 2 else own)
+    return out
+
+
+_REF: dict = {}
+
+
+def _reference(prompt, n):
+    key = (tuple(int(t) for t in prompt), n)
+    if key not in _REF:
+        _REF[key] = MODEL.greedy_reference(PARAMS, prompt, n)
+    return _REF[key]
+
+
+MODES = {
+    "all_on": {},
+    "no_async": {"async_steps": False},
+    "no_mixed": {"mixed_steps": False},
+    "no_prefix_cache": {"prefix_cache": False},
+    "all_off": {"async_steps": False, "mixed_steps": False, "prefix_cache": False,
+                "host_plans": False},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_greedy_equals_dense_model_in_every_mode(mode):
+    prompts = _prompts(1, 9)
+    gen = [int(n) for n in np.random.default_rng(2).integers(1, 8, size=len(prompts))]
+    eng = _engine(**MODES[mode])
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in gen])
+    for p, n, o in zip(prompts, gen, outs):
+        assert list(o) == _reference(p, n)
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+    if mode == "all_on":
+        assert eng.stats.steps["mixed"] > 0 and eng.stats.reused_tokens > 0
+
+
+def test_each_step_program_compiles_once():
+    eng = _engine()
+    eng.generate(_prompts(3, 12), SamplingParams(max_new_tokens=5))
+    mine = {k: v for k, v in engine_mod.STEP_TRACES.items() if k[0] is MODEL or k[0] == MODEL}
+    assert mine and max(mine.values()) == 1, mine
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch():
+    sp = SamplingParams(max_new_tokens=8, temperature=3.0, top_k=40, top_p=0.98, seed=1234)
+    prompt = _prompts(4, 1)[0]
+    alone = _engine().generate([prompt], sp)[0]
+    others = _prompts(5, 5)
+    crowd = _engine().generate(others[:2] + [prompt] + others[2:],
+                               [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i)
+                                for i in range(2)] + [sp] + [SamplingParams(max_new_tokens=4)] * 3)
+    np.testing.assert_array_equal(alone, crowd[2])
+    other_seed = _engine().generate([prompt], SamplingParams(
+        max_new_tokens=8, temperature=3.0, top_k=40, top_p=0.98, seed=99))[0]
+    assert not np.array_equal(alone, other_seed)
+
+
+def test_stop_token_and_max_tokens_end_at_the_right_token():
+    prompt = _prompts(6, 1)[0]
+    ref = _reference(prompt, 10)
+    stop = ref[3]
+    first = ref.index(stop)
+    eng = _engine()
+    h_stop = eng.submit(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
+    h_len = eng.submit(prompt, SamplingParams(max_new_tokens=5))
+    eng.run()
+    assert h_stop.tokens == ref[:first + 1] and h_stop.finish_reason == "stop"
+    assert h_len.tokens == ref[:5] and h_len.finish_reason == "length"
+    assert eng.check_idle()["pages_in_use"] == 0
+
+
+def test_streamed_tokens_arrive_in_order_and_complete():
+    prompts = _prompts(7, 6)
+    eng = _engine()
+    seen = {i: [] for i in range(len(prompts))}
+    handles = [eng.submit(p, SamplingParams(max_new_tokens=6),
+                          on_token=seen[i].append) for i, p in enumerate(prompts)]
+    streamed = list(handles[0])           # drives the engine until request 0 is done
+    assert streamed == _reference(prompts[0], 6)
+    eng.run()
+    for i, (p, h) in enumerate(zip(prompts, handles)):
+        assert seen[i] == h.tokens == _reference(p, 6)
+        assert list(h) == h.tokens and h.done
+
+
+def test_bad_requests_get_clear_errors_and_leave_others_alone():
+    eng = _engine()
+    good = eng.submit(_prompts(8, 1)[0], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.submit([], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.submit([1, 2, MODEL.vocab_size], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="can hold at most"):
+        eng.submit(np.zeros(40, np.int32), SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    eng.run()
+    assert good.tokens == _reference(_prompts(8, 1)[0], 4)
+
+
+def test_cancelled_requests_free_their_pages():
+    prompts = _prompts(9, 6, lo=10, hi=20)
+    eng = _engine()
+    hs = [eng.submit(p, SamplingParams(max_new_tokens=12)) for p in prompts]
+    hs[5].cancel()                       # still waiting
+    for _ in range(4):
+        eng.step()
+    hs[0].cancel()                       # running (prefilled, decoding)
+    eng.run()
+    assert hs[0].finish_reason == "cancelled" and len(hs[0].tokens) < 12
+    assert hs[5].finish_reason == "cancelled" and hs[5].tokens == []
+    for p, h in zip(prompts[1:5], hs[1:5]):
+        assert h.tokens == _reference(p, 12)
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
+def _random_workload(n_requests, seed, **cfg):
+    rng = np.random.default_rng(seed)
+    eng = _engine(**cfg)
+    handles = []
+    submitted = 0
+    while submitted < n_requests or eng.has_work:
+        for _ in range(int(rng.integers(0, 4))):
+            if submitted < n_requests:
+                p = rng.integers(0, MODEL.vocab_size, size=int(rng.integers(1, 30)))
+                sp = SamplingParams(max_new_tokens=int(rng.integers(1, 12)),
+                                    temperature=float(rng.choice([0.0, 0.8])), seed=submitted,
+                                    stop_token_ids=(int(rng.integers(0, MODEL.vocab_size)),))
+                handles.append(eng.submit(p, sp))
+                submitted += 1
+        if handles and rng.random() < 0.15:
+            handles[int(rng.integers(0, len(handles)))].cancel()
+        eng.step()
+    for h in handles:
+        assert h.done
+        assert h.finish_reason == "cancelled" or len(h.tokens) >= 1
+    return eng
+
+
+@pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False}])
+def test_random_workload_with_cancellations_leaks_no_page(cfg):
+    n = 1000 if os.environ.get("SEQATTN_JAX_LONG_TESTS") else 150
+    eng = _random_workload(n, 11, **cfg)
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+def test_sampling_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 50))
+    r = logits.shape[0]
+    ones = jnp.ones((r,), jnp.float32)
+    args = dict(seed=jnp.arange(r, dtype=jnp.uint32), counter=jnp.zeros((r,), jnp.int32),
+                greedy_only=False)
+    greedy = jnp.argmax(logits, -1)
+    chex.assert_trees_all_equal(
+        sample_tokens(logits, ones, jnp.ones((r,), jnp.int32), ones, **args), greedy)
+    chex.assert_trees_all_equal(
+        sample_tokens(logits, ones, jnp.zeros((r,), jnp.int32), ones * 1e-6, **args), greedy)
+    chex.assert_trees_all_equal(
+        sample_tokens(logits, ones * 0, jnp.zeros((r,), jnp.int32), ones, **args), greedy)
+
+
+def test_sampling_follows_the_softmax_and_respects_top_k():
+    v, n = 8, 4000
+    base = jnp.log(jnp.asarray([0.4, 0.3, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0]) + 1e-12)
+    logits = jnp.broadcast_to(base, (n, v))
+    ones = jnp.ones((n,), jnp.float32)
+    f = jax.jit(sample_tokens, static_argnames="greedy_only")
+    toks = f(logits, ones, jnp.zeros((n,), jnp.int32), ones, jnp.full((n,), 7, jnp.uint32),
+             jnp.arange(n, dtype=jnp.int32), greedy_only=False)
+    freq = np.bincount(np.asarray(toks), minlength=v) / n
+    np.testing.assert_allclose(freq[:5], [0.4, 0.3, 0.15, 0.1, 0.05], atol=0.03)
+    toks = f(logits, ones, jnp.full((n,), 2, jnp.int32), ones, jnp.full((n,), 7, jnp.uint32),
+             jnp.arange(n, dtype=jnp.int32), greedy_only=False)
+    freq = np.bincount(np.asarray(toks), minlength=v) / n
+    assert freq[2:].sum() == 0
+    np.testing.assert_allclose(freq[:2], [4 / 7, 3 / 7], atol=0.03)
