@@ -295,27 +295,6 @@ def _pointer(x):
         return None
 
 
-def warmup(engine: Engine, a, chunk: int) -> float:
-    """Compile every step program the serving loop can run (each prefill bucket, decode, mixed) by
-    serving a few throwaway requests; their pages are freed again. Returns seconds."""
-    t0 = time.perf_counter()
-    buckets = engine.config.chunk_buckets
-    # one request per prefill bucket (its prompt fills that bucket's chunk), each generating a few
-    # tokens so decode and mixed steps run beside the next prompt's prefill
-    lens = [max(1, b - (buckets[i - 1] if i else 0)) for i, b in enumerate(buckets)]
-    lens = [min(n, engine.cache.max_seq_len - 3) for n in lens]
-    warm = [engine.submit(np.zeros((n,), np.int32), SamplingParams(max_new_tokens=3)) for n in lens]
-    engine.run()
-    warm += [engine.submit(np.zeros((1,), np.int32), SamplingParams(max_new_tokens=3))]
-    warm += [engine.submit(np.zeros((max(1, lens[-1]),), np.int32), SamplingParams(max_new_tokens=2))]
-    engine.run()
-    jax.block_until_ready(engine.kv)
-    if engine.pc is not None:   # forget the throwaway prompts
-        engine.state = engine.pc.evict(engine.state).state
-        engine._sync_rc()
-    return time.perf_counter() - t0
-
-
 def run(argv=None, *, progress: bool | None = None) -> Summary:
     """Parse `argv`, serve the requests, check against the dense model; returns the `Summary`."""
     parser = build_parser()
@@ -350,9 +329,8 @@ def run(argv=None, *, progress: bool | None = None) -> Summary:
     backend = engine.backend
 
     n0 = len(_COMPILES)
-    compile_s = warmup(engine, a, a.chunk)
+    compile_s = engine.warmup()
     n1 = len(_COMPILES)
-    engine.stats = type(engine.stats)()   # count the real workload only
     kv_ptr = _pointer(engine.kv)
 
     show = (not a.quiet) if progress is None else progress

@@ -366,6 +366,62 @@ class Engine:
         self.run()
         return [h.result() for h in handles]
 
+    def warmup(self, *, sampled: bool = False) -> float:
+        """Compile every step program serving can run (each prefill bucket as a prefill step and as
+        a mixed step, the decode step; `sampled` adds the non-greedy variants), so that serving
+        compiles nothing. Runs each once on a scratch allocator state with two throwaway
+        sequences; call it before submitting requests (their K/V land in pages that are free
+        then, which attention never reads). Returns seconds."""
+        if self.has_work:
+            raise RuntimeError("warmup: call it before submitting requests")
+        t0 = time.perf_counter()
+        cfg, C = self.cache, self.config.chunk_buckets
+        n_p = max(1, min(C[-1], cfg.max_seq_len - 2))
+        for greedy in ((True, False) if sampled else (True,)):
+            for kind_name in ("prefill", "mixed", "decode"):
+                for c in (C if kind_name != "decode" else C[-1:]):
+                    state = init_state(cfg)
+                    lens = [min(n_p, c), 2] if self.B > 1 else [min(n_p, c)]
+                    state, _ = allocate(state, self._pad(list(range(len(lens)))), self._pad(lens, 0))
+                    kind = StepKind(kind_name, greedy_only=greedy,
+                                    host_plan=kind_name == "decode" and self.config.host_plans)
+                    inp = {}
+                    if kind.has_prefill:
+                        inp.update(p_tokens=np.zeros((c,), np.int32), p_ids=self._padp([0]),
+                                   p_new=self._padp([lens[0]], 0), p_end=self._padp([lens[0]], 0),
+                                   p_emit=self._padp([0]))
+                    d_lens = np.zeros((self.B,), np.int32)
+                    if kind.has_decode:
+                        d = 1 if len(lens) > 1 and kind.has_prefill else 0
+                        inp["d_ids"] = self._pad([d])
+                        d_lens[0] = lens[d] + 1
+                    r = num_out_rows(kind, self.B, self.Bp)
+                    inp.update(self._sampling_arrays([None] * r, [0] * r))
+                    hp = None
+                    if kind.host_plan:
+                        hp = attention.host_plan_decode(cfg, d_lens, self.model.num_heads,
+                                                        q_dtype=cfg.jnp_dtype, backend=self.backend,
+                                                        **self.model.attention_options())
+                    fn = self._step_fn(kind, c)
+                    self.kv, _, last, toks, flags = fn(self.params, self.kv, state,
+                                                       jnp.zeros_like(self.last_tok), inp, hp)
+                    if not bool(np.all(np.asarray(flags))):
+                        raise RuntimeError(f"warmup: the {kind_name} step's checks failed")
+        # the allocator / prefix-cache programs of admission, indexing and release (fixed shapes)
+        prompt = np.zeros((min(cfg.page_size + 1, cfg.max_seq_len),), np.int32)
+        slots, empty = self._pad([0]), [np.zeros((0,), np.int32)] * (self.B - 1)
+        if self.pc is not None:
+            pc = PrefixCache(cfg)
+            st = pc.admit_batch(init_state(cfg), slots, [prompt] + [prompt[:1]] * (self.B - 1)).state
+            st = pc.insert_slots(st, slots, [prompt] + empty)
+            st, _, _ = pc.release(st, slots)
+            pc.make_room(st, cfg.num_pages)
+        else:
+            st, _ = self._alloc(init_state(cfg), slots, self._pad([len(prompt)], 0))
+            self._release(st, slots)
+        jax.block_until_ready(self.kv)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------------ pages
 
     @property
