@@ -9,6 +9,7 @@ torch is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ torch = pytest.importorskip("torch")
 import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import attention, bridge, reference  # noqa: E402
 from seqattn_jax import backend as backend_mod  # noqa: E402
-from seqattn_jax.bridge import ffi, interop, ops  # noqa: E402
+from seqattn_jax.bridge import ffi, fi_provider, interop, ops  # noqa: E402
 from seqattn_jax.bridge.backend import decode_kernel_for  # noqa: E402
 from seqattn_jax.config import CacheConfig  # noqa: E402
 from seqattn_jax.kv import scatter_kv as scatter_append  # noqa: E402
@@ -571,3 +572,170 @@ def test_host_plan_argument_errors(torch_backend):
             cfg, kv, jnp.zeros((2, 2, 64), kv.dtype), jnp.zeros((2, 2, 64), kv.dtype), packed,
             plan=attention.adopt_plan(hp, packed), impl="backend"))(kv, hp)
     torch_backend.discard_host_plans()
+
+
+# ----------------------------------------------------------------------------------------------
+# host plans of paged prefill and batch POD steps (what a serving loop's mixed steps use)
+
+
+def _chunk_step(cfg, be, kind, ids_p, ids_d, T, hq=4):
+    """One jitted step: allocate the prefill chunk (and a decode token), pack, adopt the host
+    plan, append K/V, attend; the reference of the same batch rides along."""
+
+    def step(state, kv, new_p, q_p, k_p, q_d, k_d, hp):
+        state, ok = sj.allocate(state, ids_p, new_p)
+        packed_p = sj.pack_for_flashinfer(state, ids_p, new_p, max_tokens=T)
+        if kind == "prefill":
+            plan = attention.adopt_plan(hp, packed_p)
+            kv = attention.append_kv(cfg, kv, k_p, k_p, packed_p, layer=1, plan=plan)
+            out = attention.batch_prefill(cfg, q_p, kv, packed_p, layer=1, plan=plan)
+            ref = reference.batch_prefill(cfg, q_p, kv, packed_p, layer=1, return_lse=True)
+            return state, kv, out, ref, ok.all() & plan.ok
+        state, ok_d = sj.allocate_decoding(state, ids_d)
+        packed_d = sj.pack_for_flashinfer(state, ids_d)
+        plan = attention.adopt_plan(hp, packed_p, packed_d)
+        kv = attention.append_kv(cfg, kv, k_p, k_p, packed_p, layer=1, plan=plan)
+        kv = attention.append_kv(cfg, kv, k_d, k_d, packed_d, layer=1, plan=plan)
+        out = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1, plan=plan)
+        ref = reference.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1,
+                                  return_lse=True)
+        return state, kv, out, ref, ok.all() & ok_d.all() & plan.ok
+
+    chex.clear_trace_counter()
+    return jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=(1,))
+
+
+def _host_plan(cfg, be, kind, lens, new, lens_d, T, **kw):
+    opts = O(return_lse=True, **kw)
+    if kind == "prefill":
+        return attention.host_plan_prefill(cfg, lens, new, 4, max_tokens=T, options=opts,
+                                           backend=be)
+    return attention.host_plan_batch_pod(cfg, lens, new, lens_d, 4, max_tokens_p=T,
+                                         options=opts, backend=be)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "batch_pod"])
+@pytest.mark.parametrize("be_name", ["torch", "reference"])
+def test_host_plans_of_chunked_prefill_steps(torch_backend, kind, be_name):
+    """Chunked prefill over 9 steps (more than the ring) with a padding request in the middle and
+    requests that finish their prompt early; batch POD adds a decode batch. Each step adopts its
+    own host plan (ok), matches the reference and compiles once; a wrong plan is flagged."""
+    be = torch_backend if be_name == "torch" else sj.ReferenceBackend()
+    cfg = make_config(num_layers=2)
+    T = 8
+    ids_p = jnp.asarray([0, -1, 1, 2], jnp.int32)
+    ids_d = jnp.asarray([3, 4], jnp.int32)
+    state = sj.init_state(cfg)
+    state, ok = sj.allocate(state, ids_d, jnp.asarray([5, 2], jnp.int32))
+    assert bool(ok.all())
+    prompt = np.asarray([13, 0, 4, 9])
+    lens, lens_d = np.zeros(4, np.int64), np.asarray([5, 2])
+    rng = np.random.default_rng(30)
+    kv = rand(rng, cfg.kv_shape)
+    step = _chunk_step(cfg, be, kind, ids_p, ids_d, T)
+    for it in range(9):
+        new = np.minimum(prompt - lens, np.asarray([3, 0, 2, 3]))
+        lens = lens + new
+        lens_d = lens_d + 1
+        host_lens = np.where(np.asarray(ids_p) >= 0, lens, 0)
+        hp = _host_plan(cfg, be, kind, host_lens, new, lens_d, T)
+        q_p, k_p = rand(rng, (T, 4, 64)), rand(rng, (T, 2, 64))
+        q_d, k_d = rand(rng, (2, 4, 64)), rand(rng, (2, 2, 64))
+        state, kv, out, ref, ok = step(state, kv, jnp.asarray(new, jnp.int32), q_p, k_p, q_d,
+                                       k_d, hp)
+        assert bool(ok), f"step {it}"
+        if kind == "prefill":
+            close(out[0], ref[0])
+            close_lse(out[1], ref[1])
+        else:
+            close(out[0], ref[0])
+            for a, b in zip(out[1], ref[1]):
+                close_lse(a, b)
+    # a plan made for other lengths is flagged
+    new = np.asarray([0, 0, 1, 0])
+    hp = _host_plan(cfg, be, kind, np.where(np.asarray(ids_p) >= 0, lens + 5, 0), new,
+                    lens_d + 1, T)
+    *_, ok = step(state, kv, jnp.asarray(new, jnp.int32), q_p, k_p, q_d, k_d, hp)
+    assert not bool(ok)
+    assert be.discard_host_plans() == 0
+
+
+def test_host_plan_layout_errors():
+    cfg = make_config(num_layers=1)
+    with pytest.raises(ValueError, match="exceeds max_tokens"):
+        attention.host_plan_prefill(cfg, [6, 4], [5, 4], 4, max_tokens=8, backend="reference")
+    with pytest.raises(ValueError, match="new_lens must be integers"):
+        attention.host_plan_prefill(cfg, [6, 4], [5], 4, max_tokens=8, backend="reference")
+    with pytest.raises(ValueError, match="max_tokens must be a positive"):
+        attention.host_plan_batch_pod(cfg, [6], [5], [3], 4, max_tokens_p=0,
+                                      backend="reference")
+    hp = attention.host_plan_prefill(cfg, [6, 4], [5, 3], 4, max_tokens=8, backend="reference")
+    np.testing.assert_array_equal(hp.expected, [0, 2, 3, 2, 4, 0, 5, 8])
+
+
+def test_a_jitted_step_keys_on_the_backend_object():
+    """Two backends (here two transports' worth of objects) never share a trace: the backend
+    object is in the plan's static metadata."""
+    cfg = make_config(num_layers=1)
+    rng = np.random.default_rng(31)
+    packed, pages = make_packed(rng, cfg, [5, 7])
+    kv = make_pool(rng, cfg, pages, [5, 7])
+    q = rand(rng, (2, 4, 64))
+    a, b = bridge.FlashInferBackend(provider="torch"), bridge.FlashInferBackend(provider="torch",
+                                                                               transport="callback")
+    step = jax.jit(lambda hp, q, kv, p: attention.batch_decode(cfg, q, kv, p,
+                                                               plan=attention.adopt_plan(hp, p)))
+    for be in (a, b, a):
+        step(attention.host_plan_decode(cfg, [5, 7], 4, backend=be), q, kv, packed)
+    assert step._cache_size() == 2
+    assert a.slots.num_plans() == 2 and b.slots.num_plans() == 1
+    with pytest.raises(ValueError, match="transport must be one of"):
+        bridge.FlashInferBackend(provider="torch", transport="xla")
+    with pytest.raises(ValueError, match="transport='ffi' needs FlashInfer's kernels"):
+        bridge.FlashInferBackend(provider="torch", transport="ffi")
+
+
+def test_bridge_import_without_torch_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    from seqattn_jax import bridge\nexcept ImportError as e:\n"
+            "    assert \"pip install 'seqattn-jax[flashinfer]'\" in str(e), e\n"
+            "else:\n    raise SystemExit('imported')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+
+
+class _Fake:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_ffi_program_is_the_flashinfer_argument_list():
+    """The FFI transport compiles the same argument list the callback transport calls
+    (`fi_provider.run_args`): check the shim program against the list written out by hand."""
+    fp = fi_provider
+    st = _Fake(float_ws=torch.zeros(8, dtype=torch.uint8), layout=1, pdl=True,
+               alibi=torch.zeros(4), arange_qo=torch.arange(3, dtype=torch.int32))
+    rp = ops.RunParams(sm_scale=0.5, rope_scale=2.0, rope_theta=1e4, return_lse=True)
+    key = ops.PlanKey(kind="decode", batch_size=2, num_rows=2, num_qo_heads=4, num_kv_heads=2,
+                      head_dim=64, page_size=4, kv_layout="HND", q_dtype="float16",
+                      kv_dtype="float16", window_left=7, logits_soft_cap=3.0,
+                      decode_kernel="cuda_core", ffi=True)
+    slot = _Fake(key=key, state=st, id=42)
+    names = ("q", "kv", "indptr", "indices", "lpl", "token")
+    inputs = {getattr(fp, n.upper()): i for i, n in enumerate(names) if n not in ("kv", "token")}
+    got = ffi.program(slot, fp.run_args(slot, rp), inputs, 6, 2, (10, 5), kv_input=1)
+    want = (ffi.Program(6, 2).raw(st.float_ws, ffi.RAW_U8).plan_ws(42).plan(42).inp(0)
+            .kv_pages("k", 1, 10, 5).kv_pages("v", 1, 10, 5).inp(2).inp(3).inp(4).out(0).out(1)
+            .int_(1).int_(7).bool_(True).raw(st.alibi, ffi.RAW_F32).float_(3.0).float_(0.5)
+            .float_(0.5).float_(1e-4))
+    for k in ("prog", "iconst", "fconst"):
+        np.testing.assert_array_equal(got.attrs(3)[k], want.attrs(3)[k])
+    # tensor-core decode: FlashInfer's paged prefill run with one query per request
+    slot.key = dataclasses.replace(key, decode_kernel="tensor_core")
+    got = ffi.program(slot, fp.run_args(slot, rp), inputs, 6, 1, None, kv_input=1)
+    want = (ffi.Program(6, 1).raw(st.float_ws, ffi.RAW_U8).plan_ws(42).plan(42).inp(0)
+            .kv_pages("k", 1, 0, -1).kv_pages("v", 1, 0, -1).raw(st.arange_qo, ffi.RAW_I32)
+            .inp(2).inp(3).inp(4).out(0).none().int_(0).int_(1).int_(7).bool_(True).none()
+            .none().raw(st.alibi, ffi.RAW_F32).none().none().none().none().none().float_(3.0)
+            .float_(0.5).float_(0.5).float_(1e-4).int_(0))
+    for k in ("prog", "iconst", "fconst"):
+        np.testing.assert_array_equal(got.attrs(3)[k], want.attrs(3)[k])
