@@ -49,7 +49,6 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import seqattn_jax as sa  # noqa: E402
-from seqattn_jax import attention  # noqa: E402
 from seqattn_jax.nnx import resolve_backend  # noqa: E402
 
 try:
@@ -669,8 +668,9 @@ def _attention_backend(requested: str, cache: sa.CacheConfig, dtype: str, num_he
     this configuration (both the prefill and the decode kernel), else the reference."""
     if resolve_backend(requested) == "reference":
         return "reference"
+    flashinfer = sa.default_backend("flashinfer")
     for kind in ("prefill", "decode"):
-        reason = attention.flashinfer_unsupported_reason(cache, dtype, num_heads, kind=kind)
+        reason = flashinfer.unsupported(cache, dtype, num_heads, kind, sa.AttentionOptions())
         if reason is not None:
             if requested == "flashinfer":
                 raise SystemExit(f"--backend flashinfer: {reason}")
