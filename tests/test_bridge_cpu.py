@@ -615,12 +615,13 @@ def _host_plan(cfg, be, kind, lens, new, lens_d, T, **kw):
 
 
 @pytest.mark.parametrize("kind", ["prefill", "batch_pod"])
-@pytest.mark.parametrize("be_name", ["torch", "reference"])
+@pytest.mark.parametrize("be_name", ["bridge", "reference"])
 def test_host_plans_of_chunked_prefill_steps(torch_backend, kind, be_name):
     """Chunked prefill over 9 steps (more than the ring) with a padding request in the middle and
     requests that finish their prompt early; batch POD adds a decode batch. Each step adopts its
-    own host plan (ok), matches the reference and compiles once; a wrong plan is flagged."""
-    be = torch_backend if be_name == "torch" else sj.ReferenceBackend()
+    own host plan (ok), matches the reference and compiles once; a wrong plan is flagged.
+    test_flashinfer_gpu.py runs it with FlashInfer's kernels (`torch_backend` is then theirs)."""
+    be = torch_backend if be_name == "bridge" else sj.ReferenceBackend()
     cfg = make_config(num_layers=2)
     T = 8
     ids_p = jnp.asarray([0, -1, 1, 2], jnp.int32)
