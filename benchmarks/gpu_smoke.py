@@ -93,20 +93,19 @@ def main():
 
     # What FlashInfer writes for a request without pages (the bridge has no fix-up: it relies on
     # the kernels writing 0 / -inf there)
-    if True:
-        cfg = sj.CacheConfig(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128, max_seqs=4,
-                             max_pages_per_seq=8, num_layers=1, dtype="float16")
-        st, packed = make_batch(cfg, [20, 5], [0, -1, 1, -1], rng)
-        kv = poisoned_pool(cfg, st, rng)
-        q = jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.float16)
-        for kernel in ("tensor_core", "cuda_core"):
-            out, lse = jax.jit(lambda q, kv, p: attention.batch_decode(
-                cfg, q, kv, p, backend="flashinfer",
-                options=O(return_lse=True, decode_kernel=kernel)))(q, kv, packed)
-            top = float(jnp.abs(out[1].astype(jnp.float32)).max())
-            ok_all &= report(f"FlashInfer writes 0 / -inf for a request without pages ({kernel})",
-                             top == 0 and np.isinf(np.asarray(lse[1])).all(),
-                             f"out max|.|={top} lse={np.asarray(lse[1, :4])}")
+    cfg = sj.CacheConfig(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128, max_seqs=4,
+                         max_pages_per_seq=8, num_layers=1, dtype="float16")
+    st, packed = make_batch(cfg, [20, 5], [0, -1, 1, -1], rng)
+    kv = poisoned_pool(cfg, st, rng)
+    q = jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.float16)
+    for kernel in ("tensor_core", "cuda_core"):
+        out, lse = jax.jit(lambda q, kv, p: attention.batch_decode(
+            cfg, q, kv, p, backend="flashinfer",
+            options=O(return_lse=True, decode_kernel=kernel)))(q, kv, packed)
+        top = float(jnp.abs(out[1].astype(jnp.float32)).max())
+        ok_all &= report(f"FlashInfer writes 0 / -inf for a request without pages ({kernel})",
+                         top == 0 and np.isinf(np.asarray(lse[1])).all(),
+                         f"out max|.|={top} lse={np.asarray(lse[1, :4])}")
 
     # Prefill (causal and not), padding rows, HND
     for layout in ("NHD", "HND"):
