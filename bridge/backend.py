@@ -22,10 +22,14 @@ buffer_callbacks. The torch provider has no FFI path ("auto" means "callback" th
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
+from seqattn_jax import host_layout
 from seqattn_jax.kv import check_pool, check_rows
+from seqattn_jax.plans import AttentionPlan, HostPlan
 
 from . import ffi, ops
 from .ops import PlanKey, RunParams
@@ -163,15 +167,11 @@ class FlashInferBackend:
             batch_size_p=meta.batch_size_p, ffi=self._ffi(meta.kind), plan_id=meta.plan_id)
 
     def _with_key(self, config, meta):
-        from dataclasses import replace  # noqa: PLC0415
-
-        return replace(meta, key=self._key(config, meta))
+        return dataclasses.replace(meta, key=self._key(config, meta))
 
     # ------------------------------------------------------------------ plans
 
     def plan(self, config, meta, packed, packed_d=None):
-        from seqattn_jax.backend import AttentionPlan  # noqa: PLC0415
-
         meta = self._with_key(config, meta)
         slot = self.slots.get(meta.key)
         if meta.kind in ("decode", "pod"):
@@ -190,9 +190,6 @@ class FlashInferBackend:
         return AttentionPlan(ops.plan(slot, *arrays), meta)
 
     def host_plan(self, config, meta, layout):
-        from seqattn_jax import host_layout  # noqa: PLC0415
-        from seqattn_jax.backend import HostPlan  # noqa: PLC0415
-
         if meta.kind == "pod":
             raise ValueError("host plans are made for decode, prefill and batch POD steps, not POD")
         meta = self._with_key(config, meta)
@@ -248,26 +245,27 @@ class FlashInferBackend:
             return packed.kv_page_indices, pages
         return packed.layer_page_indices(layer, config.num_pages), None
 
-    def decode(self, config, plan, q, kv, packed, layer):
-        self._check("batch_decode", config, plan, kv, q=q)
+    def _paged(self, where, config, plan, q, kv, packed, layer, prefill: bool):
+        """A decode or paged prefill run on the plan's transport."""
+        self._check(where, config, plan, kv, q=q)
         key, rp = plan.meta.key, self._run_params(config, plan)
-        slot = self.slots.get(key)
         indices, pages = self._indices(config, packed, layer, key)
-        run = ffi.decode if key.ffi else ops.decode
-        res = run(slot, rp, plan.token, q, kv, packed.kv_page_indptr, indices,
-                  packed.kv_last_page_len, pages=pages)
-        return (res[0], res[1]) if rp.return_lse else res[0]
+        if prefill:
+            run, csr = (ffi.prefill if key.ffi else ops.prefill), (packed.qo_indptr,)
+        else:
+            run, csr = (ffi.decode if key.ffi else ops.decode), ()
+        res = run(self.slots.get(key), rp, plan.token, q, kv, *csr, packed.kv_page_indptr,
+                  indices, packed.kv_last_page_len, pages=pages)
+        out, lse = res[0], res[1] if rp.return_lse else None
+        if prefill:
+            out, lse = _zero_rows_past(out, lse, packed.qo_indptr)
+        return (out, lse) if rp.return_lse else out
+
+    def decode(self, config, plan, q, kv, packed, layer):
+        return self._paged("batch_decode", config, plan, q, kv, packed, layer, prefill=False)
 
     def prefill(self, config, plan, q, kv, packed, layer):
-        self._check("batch_prefill", config, plan, kv, q=q)
-        key, rp = plan.meta.key, self._run_params(config, plan)
-        slot = self.slots.get(key)
-        indices, pages = self._indices(config, packed, layer, key)
-        run = ffi.prefill if key.ffi else ops.prefill
-        res = run(slot, rp, plan.token, q, kv, packed.qo_indptr, packed.kv_page_indptr, indices,
-                  packed.kv_last_page_len, pages=pages)
-        out, lse = _zero_rows_past(res[0], res[1] if rp.return_lse else None, packed.qo_indptr)
-        return (out, lse) if rp.return_lse else out
+        return self._paged("batch_prefill", config, plan, q, kv, packed, layer, prefill=True)
 
     def pod(self, config, plan, q_p, k_p, v_p, q_d, kv, packed_d, layer):
         self._check("pod", config, plan, kv, q_p=q_p, k_p=k_p, v_p=v_p, q_d=q_d)

@@ -23,12 +23,13 @@ from seqattn_jax.attention import (
     plan_prefill,
     pod,
 )
-from seqattn_jax.backend import AttentionPlan, Backend, HostPlan, default_backend
+from seqattn_jax.backend import Backend, default_backend
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.head_ids import HeadIDGenerator, head_ids, split_head_ids
 from seqattn_jax.kv import copy_pages, init_kv, scrub_pages
 from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
+from seqattn_jax.plans import AttentionPlan, HostPlan
 from seqattn_jax.prefix_cache import Admission, EvictResult, PrefixCache, PrefixCacheStats, freed_pages
 from seqattn_jax.reference_backend import ReferenceBackend
 from seqattn_jax.state import (

@@ -38,11 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqattn_jax import host_layout
-from seqattn_jax.backend import AttentionPlan, HostPlan, PlanMeta, choose
+from seqattn_jax.backend import choose
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import scatter_kv
 from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch
+from seqattn_jax.plans import AttentionPlan, HostPlan, PlanMeta
 
 __all__ = [
     "APPEND_IMPLS", "adopt_plan", "append_kv", "batch_decode", "batch_pod", "batch_prefill",

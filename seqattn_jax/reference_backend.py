@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from seqattn_jax import host_layout, kv as kv_mod, reference
-from seqattn_jax.backend import AttentionPlan, HostPlan
+from seqattn_jax.plans import AttentionPlan, HostPlan
 
 __all__ = ["ReferenceBackend"]
 
