@@ -103,6 +103,7 @@ class FlashInferBackend:
         self.provider = provider
         self.transport = transport
         self.slots = ops.PlanSlots(provider)
+        self._keyed: dict = {}
         self.host_plan_depth = ops.HOST_PLAN_DEPTH
 
     def __repr__(self):
@@ -167,7 +168,12 @@ class FlashInferBackend:
             batch_size_p=meta.batch_size_p, ffi=self._ffi(meta.kind), plan_id=meta.plan_id)
 
     def _with_key(self, config, meta):
-        return dataclasses.replace(meta, key=self._key(config, meta))
+        """`meta` with this backend's PlanKey (cached: host plans ask for it every step)."""
+        keyed = self._keyed.get((config, meta))
+        if keyed is None:
+            keyed = self._keyed[(config, meta)] = dataclasses.replace(meta,
+                                                                      key=self._key(config, meta))
+        return keyed
 
     # ------------------------------------------------------------------ plans
 

@@ -143,6 +143,7 @@ def resolve_backend(backend="auto") -> str:
 
 
 _warned: set[str] = set()
+_BACKEND_TYPES: set[type] = set()
 
 
 def choose(backend, config, q_dtype: str, num_qo_heads: int, kind: str,
@@ -152,7 +153,8 @@ def choose(backend, config, q_dtype: str, num_qo_heads: int, kind: str,
     warning per reason)."""
     if isinstance(backend, str):
         be = default_backend(backend)
-    elif isinstance(backend, Backend):
+    elif type(backend) in _BACKEND_TYPES or isinstance(backend, Backend):
+        _BACKEND_TYPES.add(type(backend))   # the protocol check is slow: once per type
         be = backend
     else:
         raise ValueError(f"{where}: backend must be one of {BACKENDS} or a backend object "
