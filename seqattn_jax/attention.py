@@ -99,8 +99,8 @@ def _meta(where, config, kind, num_qo_heads, *, options, q_dtype, backend, plan_
     _check_heads(where, config, num_qo_heads)
     _check_plan_id(where, plan_id)
     options = _options(where, options)
-    if kind == "decode":   # decode has no causal flag: one value, so equal plans compare equal
-        options = options.replace(causal=True)
+    if kind == "decode" and not options.causal:   # decode has no causal flag: one value, so
+        options = options.replace(causal=True)       # equal plans compare equal
     qd = _q_dtype_name(config, q_dtype)
     be = choose(backend, config, qd, int(num_qo_heads), kind, options, where)
     return PlanMeta(kind=kind, backend=be, options=options, num_qo_heads=int(num_qo_heads),
