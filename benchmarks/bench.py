@@ -40,6 +40,7 @@ import numpy as np
 
 import seqattn_jax as sj
 from seqattn_jax import attention
+from seqattn_jax.options import AttentionOptions
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 SHAPES = [(64, 1024), (64, 4096), (256, 2048)]
@@ -48,6 +49,25 @@ DT = "float16"
 
 def log(*a):
     print(*a, flush=True)
+
+
+_BACKENDS = {}
+
+
+def fi(transport="auto"):
+    """The FlashInfer backend of `transport` ("auto", "ffi", "callback"): one object per transport
+    for the whole run (each owns its plan slots and workspaces)."""
+    if transport not in _BACKENDS:
+        from seqattn_jax import bridge  # noqa: PLC0415
+
+        _BACKENDS[transport] = bridge.FlashInferBackend(transport=transport)
+    return _BACKENDS[transport]
+
+
+def ffi_available() -> bool:
+    from seqattn_jax.bridge import ffi  # noqa: PLC0415
+
+    return ffi.available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +238,14 @@ def bench_kernel(n_inner=50):
 
         # seqattn_jax through jit
         for bridge in ("callback", "ffi"):
-            attention.BRIDGE = bridge
-            if bridge == "ffi" and not attention.bridge_module("ffi").available():
+            if bridge == "ffi" and not ffi_available():
                 continue
             for kernel in ("tensor_core", "cuda_core"):
-                def build(n, kernel=kernel):
+                def build(n, kernel=kernel, be=fi(bridge)):
                     def many(q, kv, packed):
-                        plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer",
-                                                     decode_kernel=kernel)
+                        plan = attention.plan_decode(
+                            cfg, packed, HQ, backend=be,
+                            options=AttentionOptions(decode_kernel=kernel))
                         for _ in range(n):
                             q = attention.batch_decode(cfg, q, kv, packed, plan=plan)
                         return q
@@ -233,7 +253,6 @@ def bench_kernel(n_inner=50):
                 name = f"jax_{bridge}_{'tc' if kernel == 'tensor_core' else 'cuda_core'}"
                 res[name], res[name + "_whole_program"] = time_jax_marginal(
                     build, (q, kv, packed))
-        attention.BRIDGE = "auto"
 
         # Pallas paged_attention (head-major K/V pages, no softmax scale: pre-scale q)
         try:
@@ -313,6 +332,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
     q = jax.random.normal(key, (num_layers, bs, HQ, D), jnp.float32).astype(DT)
     kk = jax.random.normal(key, (num_layers, bs, HKV, D), jnp.float32).astype(DT)
     kk2 = jnp.stack([kk, kk], axis=2)           # the same K/V rows, stacked [L, B, 2, Hkv, D]
+    be = fi("auto")                             # the transport of the steps made next
 
     def make_step(use_scan, append_impl, planning, layers=num_layers, stacked=False):
         """One decode step: allocate_decoding -> pack -> plan -> `layers` x (append + decode).
@@ -326,16 +346,17 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
             if planning == "host":
                 plan = attention.adopt_plan(hp, packed)
             else:
-                plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+                plan = attention.plan_decode(cfg, packed, HQ, backend=be)
+            impl = "backend" if append_impl == "flashinfer" else append_impl
 
             def layer(carry, l):
                 kv, x = carry
                 if stacked:
                     kv = attention.append_kv(cfg, kv, kk2[l], None, packed, layer=l, plan=plan,
-                                             impl=append_impl)
+                                             impl=impl)
                 else:
                     kv = attention.append_kv(cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan,
-                                             impl=append_impl)
+                                             impl=impl)
                 o = attention.batch_decode(cfg, q[l] + x, kv, packed, layer=l, plan=plan)
                 return (kv, o), None
 
@@ -361,7 +382,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
         def one(state, kv):
             nonlocal lens
             lens = lens + 1                # this step's allocate_decoding adds one token each
-            hp = (attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
+            hp = (attention.host_plan_decode(cfg, lens, HQ, backend=be)
                   if planning == "host" else None)
             return step(state, kv, hp)
 
@@ -390,16 +411,16 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
                 ("callback", False, "scatter", "device", False),
                 ("callback", False, "scatter", "host", False)]
     for bridge, use_scan, append_impl, planning, stacked in variants:
-        attention.BRIDGE = bridge
-        if bridge == "ffi" and not attention.bridge_module("ffi").available():
+        if bridge == "ffi" and not ffi_available():
             continue
+        be = fi(bridge)
         name = (f"jax_{bridge}_{'scan' if use_scan else 'loop'}_{append_impl}_append"
                 f"{'_stacked' if stacked else ''}_{planning}_plan")
         t, same, ok = run_steps(make_step(use_scan, append_impl, planning, stacked=stacked),
                                 planning)
         res[name], res[name + "_no_copy"], res[name + "_plans_ok"] = t, same, ok
         log(f"  {name}: {t * 1e3:.3f} ms/step (pool not copied: {same}; plans matched: {ok})")
-    attention.BRIDGE = "ffi" if attention.bridge_module("ffi").available() else "callback"
+    be = fi("auto")
     # the step's head alone (allocate_decoding + pack + plan, no layer), back to back like the
     # steps above: its cost per step when pipelined
     for planning in ("device", "host"):
@@ -409,12 +430,12 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
     # the host's share of a host-planned step: host_plan_decode alone
     lens = np.full((bs,), ctx + 1, np.int32)
     for _ in range(5):
-        attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
-        attention.discard_host_plans()
+        attention.host_plan_decode(cfg, lens, HQ, backend=be)
+        be.discard_host_plans()
     t0 = time.perf_counter()
     for _ in range(200):
-        attention.host_plan_decode(cfg, lens, HQ, backend="flashinfer")
-        attention.discard_host_plans()
+        attention.host_plan_decode(cfg, lens, HQ, backend=be)
+        be.discard_host_plans()
     res["host_plan_decode_host_s"] = (time.perf_counter() - t0) / 200
     log(f"  host_plan_decode on the host: {res['host_plan_decode_host_s'] * 1e6:.1f} us/call")
     # one layer (append + q add + decode) inside a jitted program, marginal over 8 -> 104 layers:
@@ -423,7 +444,7 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
 
     def build_layers(n):
         def many(kv, packed):
-            plan = attention.plan_decode(cfg, packed, HQ, backend="flashinfer")
+            plan = attention.plan_decode(cfg, packed, HQ, backend=be)
             x = jnp.zeros((bs, HQ, D), DT)
             for i in range(n):
                 l = i % num_layers
@@ -436,7 +457,6 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
     res["jax_ffi_layer_marginal"], kvx = time_layers_marginal(build_layers, kv0 + 0, packed0)
     del kvx
     log(f"  one layer in jit (marginal): {res['jax_ffi_layer_marginal'] * 1e6:.1f} us")
-    attention.BRIDGE = "auto"
 
     # torch: the same kernels (tensor-core decode, FlashInfer append), eager and CUDA graph
     packed = sj.pack_for_flashinfer(state0, seq_ids)
@@ -552,12 +572,12 @@ def bench_layers(bs=64, ctx=1024, num_layers=32):
             cfg, x, kv, packed, layer=l, plan=plan)),
         "add_decode": lambda kv, x, l, plan: (kv, attention.batch_decode(
             cfg, q[l] + x, kv, packed, layer=l, plan=plan)),
-        "scatter_append": lambda kv, x, l, plan: (kv_mod.append_kv(
+        "scatter_append": lambda kv, x, l, plan: (kv_mod.scatter_kv(
             cfg, kv, kk[l], kk[l], packed, layer=l), x),
         "scatter_separate": lambda kv, x, l, plan: (scatter_separate(kv, l), x),
         "scatter_prestacked": lambda kv, x, l, plan: (scatter_prestacked(kv, l), x),
         "fi_append": lambda kv, x, l, plan: (attention.append_kv(
-            cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan, impl="flashinfer"), x),
+            cfg, kv, kk[l], kk[l], packed, layer=l, plan=plan, impl="backend"), x),
     }
     combos = {
         "decode": ["decode"],
@@ -686,50 +706,47 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     q_p = jax.random.normal(key, (prefill, HQ, D), jnp.float32).astype(DT)
     k_p = jax.random.normal(key, (prefill, HKV, D), jnp.float32).astype(DT)
     v_p = k_p * 0.5
+    be = fi("callback")     # POD and batch POD always run as buffer_callbacks
 
     def pod_build(n):
         def pod_many(q_p, k_p, v_p, q_d, kv, packed_d):
-            plan = attention.plan_pod(cfg, packed_d, HQ, backend="flashinfer")
+            plan = attention.plan_pod(cfg, packed_d, HQ, backend=be)   # causal prefill part
             for _ in range(n):
-                q_p, q_d = attention.pod(cfg, q_p, k_p, v_p, q_d, kv, packed_d, causal_p=True,
-                                         plan=plan)
+                q_p, q_d = attention.pod(cfg, q_p, k_p, v_p, q_d, kv, packed_d, plan=plan)
             return q_p, q_d
         return jax.jit(pod_many)
 
     def sep_build(n):
         def sep_many(q_p, q_d, kv, packed_p, packed_d):
-            plan_p = attention.plan_prefill(cfg, packed_p, HQ, causal=True, backend="flashinfer")
-            plan_d = attention.plan_decode(cfg, packed_d, HQ, backend="flashinfer")
+            plan_p = attention.plan_prefill(cfg, packed_p, HQ, backend=be)   # causal
+            plan_d = attention.plan_decode(cfg, packed_d, HQ, backend=be)
             for _ in range(n):
-                q_p = attention.batch_prefill(cfg, q_p, kv, packed_p, causal=True, plan=plan_p)
+                q_p = attention.batch_prefill(cfg, q_p, kv, packed_p, plan=plan_p)
                 q_d = attention.batch_decode(cfg, q_d, kv, packed_d, plan=plan_d)
             return q_p, q_d
         return jax.jit(sep_many)
 
     def bpod_build(n):
         def bpod_many(q_p, q_d, kv, packed_p, packed_d):
-            plan = attention.plan_batch_pod(cfg, packed_p, packed_d, HQ, causal_p=True,
-                                            backend="flashinfer")
+            plan = attention.plan_batch_pod(cfg, packed_p, packed_d, HQ, backend=be)   # causal
             for _ in range(n):
-                q_p, q_d = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv,
-                                               causal_p=True, plan=plan)
+                q_p, q_d = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, plan=plan)
             return q_p, q_d
         return jax.jit(bpod_many)
 
     for bridge in ("callback", "ffi"):
-        attention.BRIDGE = bridge
-        if bridge == "ffi" and not attention.bridge_module("ffi").available():
+        if bridge == "ffi" and not ffi_available():
             continue
+        be = fi(bridge)
         res[f"jax_{bridge}_separate"], _ = time_jax_marginal(
             sep_build, (q_p, q_d, kv, packed_p, packed_d), 5, 25)
         log(f"  jax_{bridge}_separate: {res[f'jax_{bridge}_separate'] * 1e6:.0f} us")
-    attention.BRIDGE = "callback"
+    be = fi("callback")
     res["jax_pod"], _ = time_jax_marginal(pod_build, (q_p, k_p, v_p, q_d, kv, packed_d), 5, 25)
     log(f"  jax_pod: {res['jax_pod'] * 1e6:.0f} us")
     res["jax_batch_pod"], _ = time_jax_marginal(bpod_build, (q_p, q_d, kv, packed_p, packed_d),
                                                 5, 25)
     log(f"  jax_batch_pod: {res['jax_batch_pod'] * 1e6:.0f} us")
-    attention.BRIDGE = "auto"
 
     # torch: POD wrapper vs single prefill (contiguous K/V) + decode
     kv_t = torch.from_dlpack(kv)
@@ -754,12 +771,10 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     log(f"  torch_pod: {res['torch_pod'] * 1e6:.0f} us, torch_separate: "
         f"{res['torch_separate'] * 1e6:.0f} us")
     # sanity: one POD call against the separate decode (jit) and torch's POD prefill output
-    attention.BRIDGE = "callback"
-    op, od = jax.jit(lambda *a: attention.pod(cfg, *a, causal_p=True, backend="flashinfer"))(
+    op, od = jax.jit(lambda *a: attention.pod(cfg, *a, backend=be))(
         q_p, k_p, v_p, q_d, kv, packed_d)
-    od_ref = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend="flashinfer"))(
+    od_ref = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend=be))(
         q_d, kv, packed_d)
-    attention.BRIDGE = "auto"
     op_t, od_t = pw.run(qp_t, kp_t, vp_t, qd_t, kv_t, causal_p=True)
     res["check_pod_decode_vs_decode"] = float(jnp.max(jnp.abs(od.astype(jnp.float32) -
                                                             od_ref.astype(jnp.float32))))
@@ -768,11 +783,10 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     res["check_pod_decode_vs_torch_pod"] = float(
         (torch.from_dlpack(od).float() - od_t.float()).abs().max())
     # chained POD calls (the pattern the timing uses) against chained decode calls
-    attention.BRIDGE = "callback"
     _, od5 = pod_build(5)(q_p, k_p, v_p, q_d, kv, packed_d)
 
     def dec5(q, kv, p):
-        plan = attention.plan_decode(cfg, p, HQ, backend="flashinfer")
+        plan = attention.plan_decode(cfg, p, HQ, backend=be)
         for _ in range(5):
             q = attention.batch_decode(cfg, q, kv, p, plan=plan)
         return q
@@ -783,11 +797,10 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
     log(f"  chained POD x5 vs chained decode x5: max |diff| = "
         f"{res['check_pod_chain5_decode_vs_decode_chain5']:.2e}")
     # POD timing cross-check: one jitted call at a time, then a full device synchronize
-    one_pod = jax.jit(lambda *a: attention.pod(cfg, *a, causal_p=True, backend="flashinfer"))
-    one_dec = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend="flashinfer"))
+    one_pod = jax.jit(lambda *a: attention.pod(cfg, *a, backend=be))
+    one_dec = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, backend=be))
     for name, f, a in (("pod", one_pod, (q_p, k_p, v_p, q_d, kv, packed_d)),
                        ("decode", one_dec, (q_d, kv, packed_d))):
-        attention.BRIDGE = "callback"
         jax.block_until_ready(f(*a))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -801,7 +814,6 @@ def bench_pod(bs=128, ctx=2048, prefill=2048, n_inner=20):
         res[f"single_call_extra_sync_{name}"] = t2 - t1
         log(f"  one {name} per program: {(t1 - t0) / 10 * 1e6:.0f} us, then device sync "
             f"{(t2 - t1) * 1e6:.0f} us more")
-    attention.BRIDGE = "auto"
     log(f"  checks: {res['check_pod_decode_vs_decode']:.2e} "
         f"{res['check_pod_prefill_vs_torch_pod']:.2e} {res['check_pod_decode_vs_torch_pod']:.2e}")
     sep = min(v for k, v in res.items() if k.endswith("_separate") and k.startswith("jax_"))
@@ -829,7 +841,7 @@ def main():
     meta = {"gpu": torch.cuda.get_device_name(), "jax": jax.__version__,
             "torch": torch.__version__, "flashinfer": flashinfer.__version__,
             "python": platform.python_version(),
-            "ffi_available": attention.bridge_module("ffi").available(),
+            "ffi_available": ffi_available(),
             "shapes": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PS, "dtype": DT}}
     log(json.dumps(meta))
     results = {"meta": meta}

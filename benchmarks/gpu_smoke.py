@@ -19,6 +19,8 @@ import numpy as np
 
 import seqattn_jax as sj
 from seqattn_jax import attention, reference
+from seqattn_jax.backend import flashinfer_available
+from seqattn_jax.options import AttentionOptions as O
 
 
 def report(name, ok, extra=""):
@@ -60,7 +62,7 @@ def main():
 
     print("jax", jax.__version__, jax.devices(), "torch", torch.__version__, "flashinfer",
           flashinfer.__version__, torch.cuda.get_device_name(), flush=True)
-    print("flashinfer_available:", attention.flashinfer_available(), flush=True)
+    print("flashinfer_available:", flashinfer_available(), flush=True)
     rng = np.random.default_rng(0)
     ok_all = True
     for layout in ("NHD", "HND"):
@@ -75,8 +77,8 @@ def main():
             for layer in (0, 1):
                 t0 = time.time()
                 f = jax.jit(lambda q, kv, p, layer=layer: attention.batch_decode(
-                    cfg, q, kv, p, layer=layer, return_lse=True, backend="flashinfer",
-                    decode_kernel=kernel))
+                    cfg, q, kv, p, layer=layer, backend="flashinfer",
+                    options=O(return_lse=True, decode_kernel=kernel)))
                 out, lse = f(q, kv, packed)
                 out.block_until_ready()
                 dt = time.time() - t0
@@ -89,27 +91,21 @@ def main():
                                  np.isinf(np.asarray(lse[np.array([2, 7])])).all(),
                                  f"err={e:.2e} lse_err={le:.2e} finite={fin} ({dt:.1f}s)")
 
-    # What FlashInfer writes for a request without pages (no fix-up)
-    ops = attention.bridge_module("ops")
-    saved = ops._fix_requests
-    ops._fix_requests = lambda *a: None
-    try:
-        cfg = sj.CacheConfig(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128, max_seqs=4,
-                             max_pages_per_seq=8, num_layers=1, dtype="float16")
-        st, packed = make_batch(cfg, [20, 5], [0, -1, 1, -1], rng)
-        kv = poisoned_pool(cfg, st, rng)
-        q = jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.float16)
-        for kernel in ("tensor_core", "cuda_core"):
-            ops._decode_cb.cache_clear()
-            out, lse = jax.jit(lambda q, kv, p: attention.batch_decode(
-                cfg, q, kv, p, return_lse=True, backend="flashinfer", decode_kernel=kernel))(
-                q, kv, packed)
-            print(f"  raw FlashInfer, empty request ({kernel}): out max|.|="
-                  f"{float(jnp.abs(out[1].astype(jnp.float32)).max())} lse={np.asarray(lse[1, :4])}",
-                  flush=True)
-    finally:
-        ops._fix_requests = saved
-        ops._decode_cb.cache_clear()
+    # What FlashInfer writes for a request without pages (the bridge has no fix-up: it relies on
+    # the kernels writing 0 / -inf there)
+    cfg = sj.CacheConfig(num_pages=64, page_size=16, num_kv_heads=8, head_dim=128, max_seqs=4,
+                         max_pages_per_seq=8, num_layers=1, dtype="float16")
+    st, packed = make_batch(cfg, [20, 5], [0, -1, 1, -1], rng)
+    kv = poisoned_pool(cfg, st, rng)
+    q = jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.float16)
+    for kernel in ("tensor_core", "cuda_core"):
+        out, lse = jax.jit(lambda q, kv, p: attention.batch_decode(
+            cfg, q, kv, p, backend="flashinfer",
+            options=O(return_lse=True, decode_kernel=kernel)))(q, kv, packed)
+        top = float(jnp.abs(out[1].astype(jnp.float32)).max())
+        ok_all &= report(f"FlashInfer writes 0 / -inf for a request without pages ({kernel})",
+                         top == 0 and np.isinf(np.asarray(lse[1])).all(),
+                         f"out max|.|={top} lse={np.asarray(lse[1, :4])}")
 
     # Prefill (causal and not), padding rows, HND
     for layout in ("NHD", "HND"):
@@ -121,7 +117,8 @@ def main():
         q = jnp.asarray(rng.standard_normal((128, 32, 128)), jnp.float16)
         for causal in (True, False):
             out, lse = jax.jit(lambda q, kv, p: attention.batch_prefill(
-                cfg, q, kv, p, layer=1, causal=causal, return_lse=True, backend="flashinfer"))(
+                cfg, q, kv, p, layer=1, backend="flashinfer",
+                options=O(causal=causal, return_lse=True)))(
                 q, kv, packed)
             r, rl = reference.batch_prefill(cfg, q, kv, packed, layer=1, causal=causal,
                                             return_lse=True)
@@ -141,7 +138,7 @@ def main():
     def ap(kv, keys, vals, packed):
         plan = attention.plan_decode(cfg, packed, 32, backend="flashinfer")
         return attention.append_kv(cfg, kv, keys, vals, packed, layer=1, plan=plan,
-                                   impl="flashinfer")
+                                   impl="backend")
 
     apj = jax.jit(ap, donate_argnums=0)
     kv2 = kv + 0

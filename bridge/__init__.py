@@ -1,19 +1,34 @@
 """seqattn_jax.bridge: the torch / FlashInfer side of seqattn_jax (the only code importing torch).
 
-Installed as the subpackage `seqattn_jax.bridge` (setuptools package-dir mapping of `bridge/`).
-`seqattn_jax` never imports it at import time; `seqattn_jax.attention` loads it the first time a
-FlashInfer kernel is needed. FlashInfer itself is imported later still, when a plan slot for a GPU
-kernel is created.
+Installed as the subpackage `seqattn_jax.bridge` (setuptools package-dir mapping of `bridge/`; in
+a source checkout `seqattn_jax/bridge` is a link to `bridge/`). `seqattn_jax` never imports it at
+import time: `seqattn_jax.default_backend("flashinfer")` imports it the first time FlashInfer is
+chosen, or you create a backend yourself:
 
-Modules:
-  interop        zero-copy jax <-> torch views, XLA-stream handling, a generic torch
-                 `buffer_callback` builder (`torch_callback`)
-  ops            plan / run ops as buffer_callbacks; the planning design (one plan per step,
-                 shared by all layers through a token) is documented there
-  fi_provider    FlashInfer 0.7.2.post1 module calls (decode CUDA-core / tensor-core, paged
-                 prefill, POD, batch POD, append)
+    from seqattn_jax import bridge
+    backend = bridge.FlashInferBackend(transport="callback")     # pass as backend= to plan_*
+
+FlashInfer itself is imported later still, when a plan slot for a GPU kernel is created.
+
+Modules (arrows: backend -> ops -> providers; backend -> ffi):
+  backend        FlashInferBackend: the `seqattn_jax.backend.Backend` contract over FlashInfer:
+                 capabilities, kernel choice, PlanKey, transport, row order, padding, page ranges
+  ops            plans and runs as buffer_callbacks, plan slots and host-plan rings (the planning
+                 design is documented there); `KernelProvider`, the providers' interface
+  fi_provider    FlashInfer 0.7.2.post1 module calls and their raw argument lists (one copy)
   torch_provider a small torch kernel set used by the CPU tests in FlashInfer's place
-  ffi            optional fast path: FlashInfer run functions as XLA FFI targets via jax-tvm-ffi
+  ffi            the XLA FFI transport via jax-tvm-ffi and the C++ shim `fi_shim.cpp`
+  interop        zero-copy jax <-> torch views, XLA-stream handling, `torch_callback`
 """
 
-from .interop import jax_to_torch, torch_callback, torch_to_jax, xla_stream  # noqa: F401
+try:
+    import torch  # noqa: F401
+except ImportError as e:   # pragma: no cover - depends on the environment
+    raise ImportError("seqattn_jax.bridge (the FlashInfer backend) needs torch: install it with "
+                      "pip install 'seqattn-jax[flashinfer]' (and a torch build matching your "
+                      "CUDA)") from e
+
+from .backend import FlashInferBackend  # noqa: E402
+from .interop import jax_to_torch, torch_callback, torch_to_jax, xla_stream  # noqa: E402
+
+__all__ = ["FlashInferBackend", "jax_to_torch", "torch_callback", "torch_to_jax", "xla_stream"]

@@ -22,9 +22,6 @@ _FLOAT_WS_BYTES = 128 * 1024 * 1024
 _INT_WS_BYTES = 8 * 1024 * 1024
 _POD_TMP_BYTES = 32 * 1024 * 1024
 
-_lock = threading.Lock()
-_float_ws: dict[tuple[str, int], torch.Tensor] = {}
-
 
 def _fi():
     import flashinfer  # noqa: F401  (heavy: ~2 s, only when a GPU kernel is needed)
@@ -40,18 +37,6 @@ def _fi():
 def _torch_dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
             "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}[name]
-
-
-def float_workspace(device: torch.device, name: str = "main") -> torch.Tensor:
-    key = (name, device.index or 0)
-    ws = _float_ws.get(key)
-    if ws is None:
-        with _lock:
-            ws = _float_ws.get(key)
-            if ws is None:
-                ws = torch.zeros(_FLOAT_WS_BYTES, dtype=torch.uint8, device=device)
-                _float_ws[key] = ws
-    return ws
 
 
 class _State:
@@ -80,6 +65,18 @@ def _prefill_module(q, kv, o, d, pos, sliding, softcap):
 
 
 @functools.lru_cache(maxsize=None)
+def _raw_decode_module(*mod_args):
+    """The CUDA-core decode module itself (tvm-ffi Module: plan / run functions)."""
+    return _fi().decode.gen_batch_decode_module(*mod_args).build_and_load()
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_prefill_module(*mod_args):
+    """The FA2 prefill module itself (equal K/V strides variant: plan / paged_run)."""
+    return _fi().prefill._gen_batch_prefill_primary_module("fa2", *mod_args, False).build_and_load()
+
+
+@functools.lru_cache(maxsize=None)
 def _pod_module(q, kv, o, d, pos, sliding):
     fi = _fi()
     return fi.pod.get_pod_module(q, kv, o, d, pos, sliding, False, False, torch.int32, pos,
@@ -99,10 +96,89 @@ def _page_module():
     return fi.page.get_page_module()
 
 
+# ----------------------------------------------------------------------------------------------
+# FlashInfer's raw run argument lists: the one copy. The buffer_callback path calls the raw
+# function with them (`FlashInferProvider._call`); the XLA FFI path compiles them into the C++
+# shim's argument program (`ffi.program`). Symbols stand for the call's buffers; every other
+# entry is a constant: None, a bool / int / float, or a torch tensor (a permanent device buffer).
+
+
+class Arg:
+    """A symbolic argument of a raw run: a buffer known only at the call."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+FLOAT_WS, INT_WS, PLAN_INFO = Arg("float_ws"), Arg("int_ws"), Arg("plan_info")
+Q, K, V, QO_INDPTR, INDPTR, INDICES, LPL, OUT, LSE = (
+    Arg(n) for n in ("q", "k", "v", "qo_indptr", "indptr", "indices", "lpl", "out", "lse"))
+# append: the real token rows of each input, and the K / V halves of the (aliased) output pool
+KEYS, VALUES, BATCH_INDICES, POSITIONS, K_CACHE, V_CACHE = (
+    Arg(n) for n in ("keys", "values", "batch_indices", "positions", "k_cache", "v_cache"))
+
+
+def run_function(slot):
+    """The raw tvm-ffi run function of a decode / prefill slot."""
+    st, key = slot.state, slot.key
+    if key.kind == "decode" and key.decode_kernel == "cuda_core":
+        return st.raw.run
+    return st.raw.paged_run
+
+
+def run_args(slot, rp) -> list:
+    """`run_function(slot)`'s argument list (flashinfer 0.7.2.post1, `decode.py` / `prefill.py`:
+    what their `run` / `paged_run` wrappers pass; RoPE's scale and theta as reciprocals)."""
+    key, st = slot.key, slot.state
+    scalars = [float(key.logits_soft_cap), float(rp.sm_scale), 1.0 / rp.rope_scale,
+               1.0 / rp.rope_theta]
+    if key.kind == "decode" and key.decode_kernel == "cuda_core":
+        return [FLOAT_WS, INT_WS, PLAN_INFO, Q, K, V, INDPTR, INDICES, LPL, OUT, LSE, st.layout,
+                key.window_left, st.pdl, st.alibi, *scalars]
+    qo, mask = (st.arange_qo, 0) if key.kind == "decode" else (QO_INDPTR, 1 if key.causal else 0)
+    return [FLOAT_WS, INT_WS, PLAN_INFO, Q, K, V, qo, INDPTR, INDICES, LPL, OUT, LSE, mask,
+            st.layout, key.window_left, st.pdl, None, None, st.alibi, None, None, None, None, None,
+            *scalars, 0]
+
+
+def append_args(slot) -> list:
+    """`append_function()`'s argument list (`page.py`, `append_paged_kv_cache`)."""
+    return [KEYS, VALUES, BATCH_INDICES, POSITIONS, K_CACHE, V_CACHE, INDICES, INDPTR, LPL,
+            slot.state.layout]
+
+
+def append_function():
+    return _page_module().append_paged_kv_cache
+
+
 class FlashInferProvider:
+    """FlashInfer's kernels. Owns the float workspaces (one per device) of its backend."""
+
     name = "flashinfer"
-    # A request without pages gets out 0 / lse -inf from both decode kernels (measured, H200).
-    zeroes_empty_requests = True
+    has_ffi = True
+
+    def __init__(self):
+        self._float_ws: dict[tuple[str, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def unsupported(self, kind, options):
+        return None
+
+    def float_workspace(self, device: torch.device, name: str = "main") -> torch.Tensor:
+        key = (name, device.index or 0)
+        ws = self._float_ws.get(key)
+        if ws is None:
+            with self._lock:
+                ws = self._float_ws.get(key)
+                if ws is None:
+                    ws = self._float_ws[key] = torch.zeros(_FLOAT_WS_BYTES, dtype=torch.uint8,
+                                                           device=device)
+        return ws
 
     def make_state(self, key):
         fi = _fi()
@@ -116,29 +192,31 @@ class FlashInferProvider:
         st.sliding = key.window_left != -1
         st.softcap = key.logits_soft_cap > 0
         st.pdl = bool(fi.utils.device_support_pdl(dev))
-        st.float_ws = float_workspace(dev)
+        st.float_ws = self.float_workspace(dev)
         st.int_ws = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, device=dev)
         st.pinned = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, pin_memory=True)
         st.alibi = fi.utils._get_cache_alibi_slopes_buf(key.num_qo_heads, dev)
-        st.ws_size = st.float_ws.numel()
         B = key.batch_size
         st.arange_qo = torch.arange(B + 1, dtype=torch.int32, device=dev)
         st.arange_qo_host = torch.arange(B + 1, dtype=torch.int32)
         d = key.head_dim
         st.mod_args = (st.q_dt, st.kv_dt, st.q_dt, torch.int32, d, d, st.pos, st.sliding,
                        st.softcap)
-        if key.kind == "decode" and key.decode_kernel == "cuda_core":
+        cuda_core = key.kind == "decode" and key.decode_kernel == "cuda_core"
+        if cuda_core:
             st.module = _decode_module(st.q_dt, st.kv_dt, st.q_dt, d, st.pos, st.sliding,
                                        st.softcap)
         else:
             st.module = _prefill_module(st.q_dt, st.kv_dt, st.q_dt, d, st.pos, st.sliding,
                                         st.softcap)
+        if key.kind in ("decode", "prefill"):   # runs call the raw module (`run_args`)
+            st.raw = (_raw_decode_module if cuda_core else _raw_prefill_module)(*st.mod_args)
         if key.kind == "pod":
             st.pod = _pod_module(st.q_dt, st.kv_dt, st.q_dt, d, st.pos, st.sliding)
             st.tmp_p = torch.empty(_POD_TMP_BYTES, dtype=torch.uint8, device=dev)
         if key.kind == "batch_pod":
             st.bpod = _batch_pod_module(st.q_dt, st.kv_dt, st.q_dt, d, st.pos, st.sliding)
-            ws = float_workspace(dev, "batch_pod")
+            ws = self.float_workspace(dev, "batch_pod")
             st.float_ws_p, st.float_ws_d = torch.chunk(ws, 2, dim=0)
             st.int_ws_p = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, device=dev)
             st.pinned_p = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, pin_memory=True)
@@ -148,6 +226,13 @@ class FlashInferProvider:
         if key.kind in ("decode", "prefill", "pod"):
             st.page = _page_module()
         return st
+
+    def workspaces(self, slot):
+        """The slot's own int workspaces and pinned buffers (batch POD: decode, then prefill)."""
+        st = slot.state
+        if slot.key.kind == "batch_pod":
+            return [st.int_ws, st.int_ws_p], [st.pinned, st.pinned_p]
+        return [st.int_ws], [st.pinned]
 
     # ---------------------------------------------------------------- plan
 
@@ -165,71 +250,57 @@ class FlashInferProvider:
             key.num_kv_heads, key.page_size, False, key.head_dim, key.head_dim, causal,
             key.window_left, -1, False, num_colocated, 0)
 
-    def _plan_decode(self, st, key, host, int_ws, pinned):
+    def _plan_decode(self, st, key, host, float_ws, int_ws, pinned):
         if key.decode_kernel == "cuda_core" and key.kind == "decode":
             return st.module.plan(
-                st.float_ws, int_ws, pinned, torch.from_numpy(host["indptr"]),
+                float_ws, int_ws, pinned, torch.from_numpy(host["indptr"]),
                 key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, False,
                 key.window_left, key.logits_soft_cap, key.head_dim, key.head_dim,
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
-        return self._plan_prefill_like(st, key, st.float_ws, int_ws, pinned, st.arange_qo_host,
+        return self._plan_prefill_like(st, key, float_ws, int_ws, pinned, st.arange_qo_host,
                                        host["indptr"], host["lpl"], key.batch_size, False)
 
-    def host_plan(self, slot, host, int_ws, pinned):
-        """Plan on the host into a ring entry's workspace (the caller set a private stream for
-        FlashInfer's schedule copy); returns plan_info. Decode plans only."""
-        if slot.key.kind != "decode":
-            raise ValueError(f"host plans are made for decode batches, not {slot.key.kind!r}")
-        return self._plan_decode(slot.state, slot.key, host, int_ws, pinned)
-
-    def plan(self, slot, host):
+    def plan(self, slot, host, int_ws, pinned):
+        """Plan from the host arrays into `int_ws` (the slot's own workspaces, or a host plan's
+        ring entry's); returns (plan_info, batch POD's prefill plan_info or None)."""
         key, st = slot.key, slot.state
         if key.kind in ("decode", "pod"):
-            slot.plan_info = self._plan_decode(st, key, host, st.int_ws, st.pinned)
-        elif key.kind == "prefill":
+            return self._plan_decode(st, key, host, st.float_ws, int_ws[0], pinned[0]), None
+        if key.kind == "prefill":
             qo = host["qo_indptr"]
-            rows = int(qo[-1])
-            slot.plan_info = self._plan_prefill_like(
-                st, key, st.float_ws, st.int_ws, st.pinned, torch.from_numpy(qo.copy()),
-                host["indptr"], host["lpl"], rows, key.causal)
-        elif key.kind == "batch_pod":
-            slot.plan_info = self._plan_prefill_like(
-                st, key, st.float_ws_d, st.int_ws, st.pinned, st.arange_qo_host, host["indptr"],
+            return self._plan_prefill_like(
+                st, key, st.float_ws, int_ws[0], pinned[0], torch.from_numpy(qo.copy()),
+                host["indptr"], host["lpl"], int(qo[-1]), key.causal), None
+        if key.kind == "batch_pod":
+            info_d = self._plan_prefill_like(
+                st, key, st.float_ws_d, int_ws[0], pinned[0], st.arange_qo_host, host["indptr"],
                 host["lpl"], key.batch_size, False)
             qo_p = host["qo_indptr_p"]
             rows_p = int(qo_p[-1])
-            colocated = 0 if rows_p > 1536 else int(slot.plan_info[0])
-            slot.plan_info_p = self._plan_prefill_like(
-                st, key, st.float_ws_p, st.int_ws_p, st.pinned_p, torch.from_numpy(qo_p.copy()),
+            colocated = 0 if rows_p > 1536 else int(info_d[0])
+            info_p = self._plan_prefill_like(
+                st, key, st.float_ws_p, int_ws[1], pinned[1], torch.from_numpy(qo_p.copy()),
                 host["indptr_p"], host["lpl_p"], rows_p, key.causal, colocated)
-        else:
-            raise ValueError(key.kind)
+            return info_d, info_p
+        raise ValueError(key.kind)
 
     # ---------------------------------------------------------------- runs
 
-    def decode(self, slot, q, k, v, indptr, indices, lpl, o, lse, rp):
-        key, st = slot.key, slot.state
-        int_ws = st.int_ws if slot.int_ws is None else slot.int_ws   # a host plan's ring entry
-        if key.decode_kernel == "cuda_core":
-            st.module.run(st.float_ws, int_ws, slot.plan_info, q, k, v, indptr, indices, lpl,
-                          o, lse, st.layout, key.window_left, st.pdl, st.alibi,
-                          key.logits_soft_cap, rp.sm_scale, rp.rope_scale, rp.rope_theta)
-        else:
-            self._paged_run(st, key, slot.plan_info, st.float_ws, int_ws, q, k, v, st.arange_qo,
-                            indptr, indices, lpl, o, lse, 0, rp)
+    @staticmethod
+    def _call(fn, args, bound: dict):
+        fn(*[bound[a] if isinstance(a, Arg) else a for a in args])
 
-    def _paged_run(self, st, key, plan_info, float_ws, int_ws, q, k, v, qo_indptr, indptr,
-                   indices, lpl, o, lse, mask_mode, rp):
-        st.module.paged_run(
-            float_ws, int_ws, plan_info, q, k, v, qo_indptr, indptr, indices, lpl, o, lse,
-            mask_mode, st.layout, key.window_left, st.pdl, None, None, st.alibi, None, None, None,
-            key.logits_soft_cap, rp.sm_scale, None, None, None, rp.rope_scale, rp.rope_theta, 0,
-            st.ws_size)
+    def _run(self, slot, rp, q, k, v, qo_indptr, indptr, indices, lpl, o, lse):
+        self._call(run_function(slot), run_args(slot, rp), {
+            FLOAT_WS: slot.state.float_ws, INT_WS: slot.int_ws[0], PLAN_INFO: slot.plan_info,
+            Q: q, K: k, V: v, QO_INDPTR: qo_indptr, INDPTR: indptr, INDICES: indices, LPL: lpl,
+            OUT: o, LSE: lse})
+
+    def decode(self, slot, q, k, v, indptr, indices, lpl, o, lse, rp):
+        self._run(slot, rp, q, k, v, None, indptr, indices, lpl, o, lse)
 
     def prefill(self, slot, q, k, v, qo_indptr, indptr, indices, lpl, o, lse, rp):
-        key, st = slot.key, slot.state
-        self._paged_run(st, key, slot.plan_info, st.float_ws, st.int_ws, q, k, v, qo_indptr,
-                        indptr, indices, lpl, o, lse, 1 if key.causal else 0, rp)
+        self._run(slot, rp, q, k, v, qo_indptr, indptr, indices, lpl, o, lse)
 
     def pod(self, slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
             lse_p, lse_d, rp):
@@ -253,7 +324,7 @@ class FlashInferProvider:
         st.pod.run_tensor(
             q_p, k_p, v_p, st.tmp_p, o_p, lse_p, 1 if causal_p else 0, 0, key.window_left, None,
             st.alibi, 0.0, rp.sm_scale, rs, rt,
-            st.float_ws, st.int_ws, slot.plan_info, q_d, k, v, st.arange_qo, indptr, indices,
+            st.float_ws, slot.int_ws[0], slot.plan_info, q_d, k, v, st.arange_qo, indptr, indices,
             lpl, o_d, lse_d, 0, st.layout, key.window_left, None, None, st.alibi, 0.0,
             rp.sm_scale, rs, rt, st.pdl)
 
@@ -262,44 +333,20 @@ class FlashInferProvider:
         key, st = slot.key, slot.state
         rs, rt = 1.0 / rp.rope_scale, 1.0 / rp.rope_theta
         st.bpod.run_tensor(
-            st.float_ws_p, st.int_ws_p, slot.plan_info_p, q_p, k, v, qo_indptr_p, indptr_p,
+            st.float_ws_p, slot.int_ws[1], slot.plan_info_p, q_p, k, v, qo_indptr_p, indptr_p,
             indices_p, lpl_p, o_p, lse_p, 1 if key.causal else 0, st.layout, key.window_left,
             None, None, st.alibi, 0.0, rp.sm_scale, rs, rt,
-            st.float_ws_d, st.int_ws, slot.plan_info, q_d, k, v, st.arange_qo, indptr_d,
+            st.float_ws_d, slot.int_ws[0], slot.plan_info, q_d, k, v, st.arange_qo, indptr_d,
             indices_d, lpl_d, o_d, lse_d, 0, st.layout, key.window_left, None, None, st.alibi,
             0.0, rp.sm_scale, rs, rt, st.pdl, st.sm_aware_sched)
 
     def append(self, slot, keys, values, batch_indices, positions, k_cache, v_cache, indptr,
                indices, lpl):
-        st = slot.state
-        n = slot.append_rows
-        if n is not None:
-            if n:
-                st.page.append_paged_kv_cache(keys[:n], values[:n], batch_indices[:n],
-                                              positions[:n], k_cache, v_cache, indices, indptr,
-                                              lpl, st.layout)
-        else:
-            idx = slot.append_rows_index
-            st.page.append_paged_kv_cache(keys[idx], values[idx], batch_indices[idx],
-                                          positions[idx], k_cache, v_cache, indices, indptr, lpl,
-                                          st.layout)
-
-
-PROVIDER = FlashInferProvider()
-
-
-def raw_decode_module(st):
-    """The CUDA-core decode module itself (tvm-ffi Module: plan / run functions), for the FFI path."""
-    fi = _fi()
-    return fi.decode.gen_batch_decode_module(*st.mod_args).build_and_load()
-
-
-def raw_prefill_module(st):
-    """The FA2 prefill module itself (equal K/V strides variant: plan / paged_run), for the FFI path."""
-    fi = _fi()
-    return fi.prefill._gen_batch_prefill_primary_module("fa2", *st.mod_args, False).build_and_load()
-
-
-def decode_supported_group_sizes() -> tuple[int, ...]:
-    """Group sizes the CUDA-core decode kernel is compiled for (flashinfer's DISPATCH_GQA)."""
-    return (1, 2, 3, 4, 6, 8, 16)
+        n, idx = slot.append_rows, slot.append_rows_index
+        if n == 0:
+            return
+        rows = slice(None, n) if n is not None else idx
+        self._call(append_function(), append_args(slot), {
+            KEYS: keys[rows], VALUES: values[rows], BATCH_INDICES: batch_indices[rows],
+            POSITIONS: positions[rows], K_CACHE: k_cache, V_CACHE: v_cache, INDICES: indices,
+            INDPTR: indptr, LPL: lpl})

@@ -19,7 +19,7 @@ Never JAX's host callbacks (pure / io) for device data: they copy every operand 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import torch
@@ -141,13 +141,3 @@ def torch_callback(
         command_buffer_compatible=command_buffer_compatible,
     )
 
-
-def buffer_pointers(bufs: Sequence[Any]) -> list[int]:
-    """Data pointers of buffer_callback Buffers / torch tensors (for zero-copy checks)."""
-    out = []
-    for b in bufs:
-        if isinstance(b, torch.Tensor):
-            out.append(b.data_ptr())
-        else:
-            out.append(torch.from_dlpack(b).data_ptr())
-    return out

@@ -6,50 +6,47 @@ FlashInfer splits each op into `plan` (host: reads the CSR indptr / last_page_le
 the work split, writes the schedule into an int workspace on the GPU and returns `plan_info`) and
 `run` (device: the kernel). Inside one jitted step the page table lives on the device, so:
 
-1. `plan(key, meta)` emits ONE buffer_callback per step. `meta` is a single int32 array (indptr,
-   last_page_len, qo_indptr, ... concatenated in JAX: one device->host copy). The callback makes
-   XLA's stream torch's current stream, copies `meta` to the host (this waits for the step's work
-   so far on that stream: the only host sync of the step, a few hundred bytes), calls FlashInfer's
-   raw plan function (which enqueues the schedule copy into the slot's int workspace on XLA's
-   stream) and stores `plan_info` in the slot. It returns a small int32 *token* array.
-2. Every `run` callback (one per layer) takes the token as an input. The data dependency makes XLA
+1. `plan(slot, *arrays)` emits ONE buffer_callback per step. Its arrays are concatenated in JAX
+   into one int32 array (one device->host copy). The callback makes XLA's stream torch's current
+   stream, copies the array to the host (this waits for the step's work so far on that stream:
+   the only host sync of the step, a few hundred bytes), calls the provider's plan (FlashInfer's
+   raw plan function enqueues the schedule copy into the slot's int workspace on XLA's stream)
+   and stores `plan_info` in the slot. It returns a small int32 *token* array.
+2. Every run callback (one per layer) takes the token as an input. The data dependency makes XLA
    run the plan before the runs, and XLA executes callbacks in program order on its stream, so the
    runs of this step see this step's `plan_info` and workspace. The layer's pages are addressed by
    passing the layer-offset page indices (`indices + layer * num_pages`) as a device buffer, so one
    plan serves all layers, including a `lax.scan` over layers (the token is a loop constant).
-3. A slot (`PlanSlot`) is keyed by everything static about the plan (op kind, shapes, heads,
-   dtypes, page size, layout, mask/window/soft-cap/pos-encoding, decode kernel, and a user `slot`
-   number). The next plan of the same key synchronises the stream before overwriting the slot's
-   workspace, so earlier runs have finished with it. Two plans of the SAME key that are alive at
-   once in one step (two different batches of identical shape) must use different `slot=` numbers.
-4. Workspaces: one 128 MiB float workspace per device shared by all slots (runs are serialised on
-   XLA's stream), an 8 MiB int workspace and 8 MiB pinned host buffer per slot, all allocated once.
-   Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace time.
-
-5. Host plans (decode): `host_plan` plans on the host before the step from lengths the caller
-   knows, into a ring entry's own int workspace; `adopt` (a buffer_callback with no inputs) takes
-   it inside the step without any sync. See the "host plans" section below.
+3. A slot (`PlanSlot`) is keyed by everything static about the plan (`PlanKey`: op kind, shapes,
+   heads, dtypes, page size, layout, mask / window / soft cap / pos-encoding, decode kernel,
+   transport and a `plan_id`). Slots belong to a `PlanSlots` registry, which belongs to one
+   `FlashInferBackend`. Two plans of the SAME key alive at once in one step (two different
+   batches of identical shape) must use different `plan_id`s.
+4. Workspaces: one float workspace per device and provider shared by all slots (runs are
+   serialised on XLA's stream), an int workspace and pinned host buffer per slot, all allocated
+   once. Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace
+   time.
+5. Host plans (decode, prefill, batch POD): `host_plan` plans on the host before the step from
+   lengths the caller knows, into a ring entry's own int workspaces; `adopt` (a buffer_callback
+   with no inputs) takes it inside the step without any sync. See "host plans" below.
 
 FFI path (bridge/ffi.py): slots with `PlanKey.ffi` also publish `plan_info`, the int workspace it
 lives in and the batch's real row count to the C++ shim at the end of the plan (or adopt)
 callback; the FFI runs read them by slot id.
 
-The kernel provider is pluggable: `flashinfer` (GPU) or `torch` (a small torch implementation,
-used by the CPU tests to exercise the exact same callback/plan/alias mechanics).
-
-Padding: requests with no pages output 0 (lse -inf); rows past `qo_indptr[B]` output 0 (lse -inf).
-The plan knows both on the host, so the fix-up costs nothing when there is no padding.
+The kernel provider (`KernelProvider`) is FlashInfer (`fi_provider`) or a small torch
+implementation (`torch_provider`, used by the CPU tests to exercise the same callback / plan /
+alias mechanics). Providers write 0 (LSE -inf) for a request without pages; rows past
+`qo_indptr[B]` are zeroed in XLA by the backend (bridge/backend.py).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
-import math
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -57,20 +54,21 @@ import numpy as np
 import torch
 from jax.experimental.buffer_callback import buffer_callback
 
+from . import ffi
 from .interop import StreamScope, as_torch, xla_stream
 
-__all__ = ["PlanKey", "RunParams", "plan", "host_plan", "adopt", "decode", "prefill", "pod",
-           "batch_pod", "append", "get_slot", "TOKEN_SHAPE", "HOST_PLAN_DEPTH"]
+__all__ = ["HOST_PLAN_DEPTH", "MAX_HOST_PLAN_ENTRIES", "TOKEN_SHAPE", "KernelProvider", "PlanKey",
+           "PlanSlot", "PlanSlots", "RunParams", "adopt", "append", "batch_pod", "decode",
+           "host_plan", "plan", "pod", "prefill"]
 
 TOKEN_SHAPE = (1,)
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanKey:
-    """Everything static about one plan. Hashable; the slot registry is keyed by it."""
+    """Everything static about one plan. Hashable; a backend's slots are keyed by it."""
 
     kind: str                     # "decode" | "prefill" | "pod" | "batch_pod"
-    provider: str                 # "flashinfer" | "torch"
     batch_size: int               # B (decode part for pod / batch_pod)
     num_rows: int                 # T query rows (prefill part for batch_pod; B for decode / pod)
     num_qo_heads: int
@@ -80,23 +78,19 @@ class PlanKey:
     kv_layout: str                # "NHD" | "HND"
     q_dtype: str
     kv_dtype: str
-    causal: bool = False          # prefill / prefill part of batch_pod
+    causal: bool = False          # prefill / prefill part of pod and batch_pod
     pos_encoding_mode: str = "NONE"
     window_left: int = -1
     logits_soft_cap: float = 0.0
     decode_kernel: str = "tensor_core"   # "tensor_core" | "cuda_core"
     batch_size_p: int = 0         # batch_pod: prefill requests
     ffi: bool = False             # runs are XLA FFI calls (bridge/ffi.py): publish plan_info
-    slot: int = 0
-
-    @property
-    def group_size(self) -> int:
-        return self.num_qo_heads // self.num_kv_heads
+    plan_id: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class RunParams:
-    """Per-call scalars (they do not change the plan)."""
+    """The options that are arguments of a run (not of the plan), from `AttentionOptions`."""
 
     sm_scale: float
     rope_scale: float = 1.0
@@ -104,25 +98,46 @@ class RunParams:
     return_lse: bool = False
 
 
-class PlanSlot:
-    """Host-side state of one plan key: kernel modules, workspaces, the latest plan."""
+class KernelProvider(Protocol):
+    """The kernels behind a backend. `plan` returns (plan_info, plan_info of batch POD's prefill
+    part or None) and writes the schedule into `int_ws` (one workspace; batch POD: decode then
+    prefill); every run writes 0 / LSE -inf for a request without pages."""
 
-    def __init__(self, key: PlanKey, provider):
+    name: str
+    has_ffi: bool                 # its decode / prefill runs can be XLA FFI calls
+
+    def unsupported(self, kind: str, options) -> str | None: ...
+    def make_state(self, key: PlanKey) -> Any: ...
+    def workspaces(self, slot: "PlanSlot") -> tuple[list | None, list | None]: ...
+    def plan(self, slot: "PlanSlot", host: dict, int_ws, pinned) -> tuple[Any, Any]: ...
+    def decode(self, slot, q, k, v, indptr, indices, lpl, o, lse, rp: RunParams) -> None: ...
+    def prefill(self, slot, q, k, v, qo_indptr, indptr, indices, lpl, o, lse, rp) -> None: ...
+    def pod(self, slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
+            lse_p, lse_d, rp) -> None: ...
+    def batch_pod(self, slot, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d,
+                  indices_d, lpl_d, k, v, o_p, o_d, lse_p, lse_d, rp) -> None: ...
+    def append(self, slot, keys, values, batch_indices, positions, k_cache, v_cache, indptr,
+               indices, lpl) -> None: ...
+
+
+_slot_ids = itertools.count()     # the FFI shim's names for slots: unique in the process
+
+
+class PlanSlot:
+    """Host-side state of one plan key: kernel modules, workspaces, the current plan."""
+
+    def __init__(self, key: PlanKey, provider: KernelProvider):
         self.key = key
         self.provider = provider
         self.state: Any = provider.make_state(key)   # modules, workspaces (trace time)
-        self.id = next(_slot_ids)                     # the FFI shim's name for this slot
-        self.on_plan = None                           # FFI path: publishes plan_info
+        self.id = next(_slot_ids)
         self.plan_info: Any = None
-        self.plan_info_p: Any = None
-        self.empty_req: torch.Tensor | None = None   # decode requests with no pages
-        self.empty_req_p: torch.Tensor | None = None
-        self.total_rows: int = key.num_rows          # real query rows (prefill)
-        self.append_rows: int | None = None          # real rows form a prefix of this length
-        self.append_rows_index: torch.Tensor | None = None
-        self.int_ws: Any = None                       # int workspace the runs read (None: the
-                                                      # provider's own, st.int_ws)
+        self.plan_info_p: Any = None                  # batch POD: the prefill part's
+        self.int_ws: list | None = None               # the int workspaces the runs read
+        self.append_rows: int | None = None           # real token rows form a prefix this long
+        self.append_rows_index: torch.Tensor | None = None   # ... or are these rows
         self.num_plans = 0
+        self.callbacks: dict = {}                     # run callbacks by (op, RunParams, ...)
         # host plans (see `host_plan` / `adopt`): a ring of workspaces and the FIFO of plans
         # made on the host that wait for the step that adopts them
         self.ring: list[_RingEntry] = []
@@ -132,32 +147,38 @@ class PlanSlot:
         self.host_seq = 0
 
 
-_slots: dict[PlanKey, PlanSlot] = {}
-_slot_ids = itertools.count()
-_slots_lock = threading.Lock()
+class PlanSlots:
+    """A backend's plan slots, by `PlanKey` (created at trace time, kept for the backend's life)."""
 
+    def __init__(self, provider: KernelProvider):
+        self.provider = provider
+        self._slots: dict[PlanKey, PlanSlot] = {}
+        self._lock = threading.Lock()
 
-def _provider(name: str):
-    if name == "flashinfer":
-        from . import fi_provider
+    def get(self, key: PlanKey) -> PlanSlot:
+        slot = self._slots.get(key)
+        if slot is None:
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots[key] = PlanSlot(key, self.provider)
+        return slot
 
-        return fi_provider.PROVIDER
-    if name == "torch":
-        from . import torch_provider
+    def __iter__(self):
+        return iter(list(self._slots.values()))
 
-        return torch_provider.PROVIDER
-    raise ValueError(f"unknown kernel provider {name!r}")
+    def num_plans(self) -> int:
+        """Plans made (in steps or adopted) over all slots."""
+        return sum(s.num_plans for s in self)
 
-
-def get_slot(key: PlanKey) -> PlanSlot:
-    slot = _slots.get(key)
-    if slot is None:
-        with _slots_lock:
-            slot = _slots.get(key)
-            if slot is None:
-                slot = PlanSlot(key, _provider(key.provider))
-                _slots[key] = slot
-    return slot
+    def discard_host_plans(self) -> int:
+        """Drop every host plan still waiting for a step. Returns how many were dropped."""
+        n = 0
+        for slot in self:
+            while slot.queue:
+                slot.queue.popleft().state = "free"   # never used by a step
+                n += 1
+        return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,24 +198,31 @@ def _meta_sections(key: PlanKey) -> list[tuple[str, int]]:
     raise ValueError(key.kind)
 
 
-class HostMeta(dict):
+def _split_meta(key: PlanKey, flat: np.ndarray) -> dict[str, np.ndarray]:
     """numpy int32 views of the planning arrays, by name."""
-
-
-def _split_meta(key: PlanKey, flat: np.ndarray) -> HostMeta:
-    out = HostMeta()
-    off = 0
+    out, off = {}, 0
     for name, n in _meta_sections(key):
         out[name] = flat[off: off + n]
         off += n
     return out
 
 
-def _empty_requests(indptr: np.ndarray, device) -> torch.Tensor | None:
-    empty = np.nonzero(indptr[1:] == indptr[:-1])[0]
-    if empty.size == 0:
-        return None
-    return torch.from_numpy(empty.astype(np.int64)).to(device, non_blocking=False)
+def _append_rows(slot: PlanSlot, batch_indices: np.ndarray, device) -> None:
+    """Where the batch's real token rows are (FlashInfer's append takes them as a prefix)."""
+    valid = batch_indices >= 0
+    n = int(valid.sum())
+    if valid[:n].all():
+        slot.append_rows, slot.append_rows_index = n, None
+    else:
+        slot.append_rows = None
+        slot.append_rows_index = torch.from_numpy(np.nonzero(valid)[0].astype(np.int64)).to(device)
+
+
+def _planned(slot: PlanSlot) -> None:
+    """End of a plan or adopt callback: hand the plan to the FFI shim, count it."""
+    if slot.key.ffi:
+        ffi.publish_plan(slot)
+    slot.num_plans += 1
 
 
 def _plan_callback(slot: PlanSlot):
@@ -204,41 +232,22 @@ def _plan_callback(slot: PlanSlot):
         stream = xla_stream(ctx)
         with StreamScope(stream):
             meta_t = as_torch(meta)
-            device = meta_t.device
             host = _split_meta(key, meta_t.cpu().numpy())   # waits for XLA's stream
             _retire_current(slot, stream)
-            slot.provider.plan(slot, host)
-            slot.int_ws = None
-            # padding bookkeeping (host only; device index tensors only when padding exists)
-            if key.kind in ("decode", "pod", "batch_pod") and \
-                    not getattr(slot.provider, "zeroes_empty_requests", False):
-                slot.empty_req = _empty_requests(host["indptr"], device)
-            if key.kind == "batch_pod":
-                slot.total_rows = int(host["qo_indptr_p"][-1])
-            if key.kind == "prefill":
-                slot.total_rows = int(host["qo_indptr"][-1])
-                slot.empty_req = None
+            int_ws, pinned = slot.provider.workspaces(slot)
+            slot.plan_info, slot.plan_info_p = slot.provider.plan(slot, host, int_ws, pinned)
+            slot.int_ws = int_ws
             if "batch_indices" in host:
-                bi = host["batch_indices"]
-                valid = bi >= 0
-                n = int(valid.sum())
-                if valid[:n].all():
-                    slot.append_rows, slot.append_rows_index = n, None
-                else:
-                    slot.append_rows = None
-                    slot.append_rows_index = torch.from_numpy(
-                        np.nonzero(valid)[0].astype(np.int64)).to(device)
-            if slot.on_plan is not None:      # FFI path: publish plan_info and the row count
-                slot.on_plan(slot)
-            slot.num_plans += 1
+                _append_rows(slot, host["batch_indices"], meta_t.device)
+            _planned(slot)
             as_torch(token).fill_(slot.num_plans & 0x7FFFFFFF)
 
     return cb
 
 
-def plan(key: PlanKey, *arrays: jax.Array) -> jax.Array:
-    """Emit the plan callback for `key`; `arrays` are the int32 sections of `_meta_sections`."""
-    slot = get_slot(key)
+def plan(slot: PlanSlot, *arrays: jax.Array) -> jax.Array:
+    """Emit the plan callback of `slot`; `arrays` are the int32 sections of `_meta_sections`."""
+    key = slot.key
     sections = _meta_sections(key)
     if len(arrays) != len(sections):
         raise ValueError(f"plan({key.kind}) takes {[n for n, _ in sections]}")
@@ -256,51 +265,54 @@ def plan(key: PlanKey, *arrays: jax.Array) -> jax.Array:
 #
 # The device-planned path above reads the step's lengths back from the GPU, so the GPU idles
 # while the host plans (the previous step's work must drain first). When the caller knows the
-# step's lengths on the host (a scheduler does: a decode step adds one token per request), the
-# plan can be made before the step is dispatched, while the GPU still runs the previous step:
+# step's lengths on the host (a scheduler does), the plan can be made before the step is
+# dispatched, while the GPU still runs the previous step:
 #
-#   host_plan(key, meta)   host, outside jit: FlashInfer's plan writes its schedule into a pinned
-#                          buffer of a ring entry and copies it (async, on a private stream) into
-#                          that entry's own int workspace; the plan joins the slot's FIFO.
-#   adopt(key)             inside the step: one buffer_callback that pops the FIFO, makes XLA's
+#   host_plan(slot, ...)   host, outside jit: the provider's plan writes its schedule into pinned
+#                          buffers of a ring entry and copies it (async, on a private stream) into
+#                          that entry's own int workspaces; the plan joins the slot's FIFO.
+#   adopt(slot, n)         inside the step: one buffer_callback that pops the FIFO, makes XLA's
 #                          stream wait for the entry's copy (a GPU-side event wait, no host sync),
-#                          points the slot's runs at the entry's workspace and plan_info, and
+#                          points the slot's runs at the entry's workspaces and plan_info, and
 #                          writes the plan's sequence number into the token.
 #
 # Steps pop plans in the order they were dispatched, which is the order plans were pushed. The
-# caller checks on the device that the step adopted the plan it meant (the token holds the
-# sequence number) and that the plan's lengths are the packed batch's (attention.plan_decode
-# returns this as `plan.ok`). A ring entry is rewritten only after a later adopt of the same slot
-# recorded (on XLA's stream, after every run of the step that used it) that it is free.
+# step checks on the device that the plan it adopted was made for its packed batch: the plan's
+# `expected` lengths travel in the tail of the entry's first workspace and `adopt` returns them
+# on XLA's stream (attention.adopt_plan compares them into `plan.ok`). A ring entry is rewritten
+# only after a later adopt of the same slot recorded (on XLA's stream, after every run of the
+# step that used it) that it is free.
 
 HOST_PLAN_DEPTH = 6      # host plans that may wait for their step, per slot
 _RING = HOST_PLAN_DEPTH + 2
-_RING_WS_BYTES = 1 << 20
-_EXPECTED_BYTES = 1 << 16          # the tail of each ring workspace: the plan's own lengths
-MAX_HOST_PLAN_ROWS = _EXPECTED_BYTES // 4   # int32 entries of `expected`
+_RING_WS_BYTES = {"decode": 1 << 20, "prefill": 2 << 20, "batch_pod": 2 << 20}
+_EXPECTED_BYTES = 1 << 16          # the tail of an entry's first workspace: the plan's lengths
+MAX_HOST_PLAN_ENTRIES = _EXPECTED_BYTES // 4   # int32 entries of `expected`
 
 
 class _RingEntry:
     __slots__ = ("int_ws", "pinned", "exp_dev", "exp_pinned", "copied", "released", "state",
-                 "plan_info", "append_rows", "empty_req", "seq", "expected")
+                 "plan_info", "append_rows", "seq", "expected")
 
-    def __init__(self, device):
+    def __init__(self, device, kind: str, n_ws: int):
         self.int_ws = self.pinned = self.copied = self.released = None
         self.exp_dev = self.exp_pinned = None
         if device is not None:
-            ws = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, device=device)
-            pinned = torch.empty(_RING_WS_BYTES, dtype=torch.uint8, pin_memory=True)
-            head = _RING_WS_BYTES - _EXPECTED_BYTES
+            size = _RING_WS_BYTES[kind]
+            ws = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(n_ws)]
+            pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(n_ws)]
+            head = size - _EXPECTED_BYTES
             # FlashInfer's schedule in the head; the plan's lengths (`expected`) in the tail
-            self.int_ws, self.pinned = ws[:head], pinned[:head]
-            self.exp_dev, self.exp_pinned = ws[head:].view(torch.int32), pinned[head:].view(torch.int32)
+            self.exp_dev = ws[0][head:].view(torch.int32)
+            self.exp_pinned = pinned[0][head:].view(torch.int32)
+            ws[0], pinned[0] = ws[0][:head], pinned[0][:head]
+            self.int_ws, self.pinned = ws, pinned
             self.copied = torch.cuda.Event()
             self.released = torch.cuda.Event()
         self.expected = None
         self.state = "free"          # free | queued | current | retired
         self.plan_info = None
         self.append_rows = None
-        self.empty_req = None
         self.seq = 0
 
 
@@ -328,10 +340,12 @@ def _retire_current(slot: PlanSlot, stream) -> None:
 
 def _take_entry(slot: PlanSlot) -> _RingEntry:
     if not slot.ring:
-        device = getattr(slot.state, "device", None)
+        ws, _ = slot.provider.workspaces(slot)
+        device = ws[0].device if ws else None
         if device is not None and device.type != "cuda":
             device = None
-        slot.ring = [_RingEntry(device) for _ in range(_RING)]
+        n_ws = len(ws) if ws else 0
+        slot.ring = [_RingEntry(device, slot.key.kind, n_ws) for _ in range(_RING)]
     for _ in range(_RING):
         e = slot.ring[slot.ring_next]
         slot.ring_next = (slot.ring_next + 1) % _RING
@@ -340,41 +354,39 @@ def _take_entry(slot: PlanSlot) -> _RingEntry:
     raise RuntimeError("seqattn_jax: no free host-plan workspace (internal error)")
 
 
-def host_plan(key: PlanKey, arrays: dict[str, np.ndarray], append_rows: int | None,
+def host_plan(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: int | None,
               expected: np.ndarray) -> int:
-    """Plan `key` on the host from `arrays` (the `_meta_sections` of `key`, numpy int32) and queue
-    the plan for the next step that adopts this slot. `expected` (int32, at most
-    MAX_HOST_PLAN_ROWS entries) travels with the plan to the device: the step that adopts the plan
-    gets it from `adopt`, so it checks the batch against the plan it really used. Returns the
-    plan's sequence number."""
+    """Plan `slot` on the host from `layout` (numpy int32 planning arrays by section name) and
+    queue the plan for the next step that adopts this slot. `expected` (int32, at most
+    MAX_HOST_PLAN_ENTRIES entries) travels with the plan to the device: the step that adopts the
+    plan gets it from `adopt`, so it checks the batch against the plan it really used. Returns
+    the plan's sequence number."""
+    if slot.key.kind not in _RING_WS_BYTES:
+        raise ValueError(f"host plans are made for {tuple(_RING_WS_BYTES)} plans, "
+                         f"not {slot.key.kind!r}")
     expected = np.ascontiguousarray(expected, np.int32)
-    if expected.size > MAX_HOST_PLAN_ROWS:
-        raise ValueError(f"host plans take at most {(MAX_HOST_PLAN_ROWS - 2) // 2} requests")
-    slot = get_slot(key)
+    if expected.size > MAX_HOST_PLAN_ENTRIES:
+        raise ValueError(f"a host plan holds at most {MAX_HOST_PLAN_ENTRIES} planned entries, "
+                         f"got {expected.size}")
     if len(slot.queue) >= HOST_PLAN_DEPTH:
         raise RuntimeError(
             f"seqattn_jax: {len(slot.queue)} host plans of this shape already wait for a step; "
             f"each jitted step adopts one (at most {HOST_PLAN_DEPTH} may wait)")
-    host = HostMeta({name: np.ascontiguousarray(a, np.int32) for name, a in arrays.items()})
+    host = {name: np.ascontiguousarray(a, np.int32) for name, a in layout.items()}
     e = _take_entry(slot)
     if e.int_ws is not None:
-        side = _side_stream(e.int_ws.device)
+        side = _side_stream(e.int_ws[0].device)
         if e.state == "retired":
             side.wait_event(e.released)   # GPU-side: the step that used it has finished with it
         e.copied.synchronize()            # host-side: the last copy out of e.pinned is done
         with StreamScope(side):           # FlashInfer's schedule copy goes on the side stream
-            e.plan_info = slot.provider.host_plan(slot, host, e.int_ws, e.pinned)
+            e.plan_info = slot.provider.plan(slot, host, e.int_ws, e.pinned)
             n = expected.size
             e.exp_pinned[:n].copy_(torch.from_numpy(expected))
             e.exp_dev[:n].copy_(e.exp_pinned[:n], non_blocking=True)
             e.copied.record(side)
     else:
-        e.plan_info = slot.provider.host_plan(slot, host, None, None)
-    e.empty_req = None
-    if "indptr" in host and not getattr(slot.provider, "zeroes_empty_requests", False):
-        # providers whose kernels leave requests without pages unwritten (the torch test kernels)
-        empty = np.nonzero(host["indptr"][1:] == host["indptr"][:-1])[0]
-        e.empty_req = torch.from_numpy(empty.astype(np.int64)) if empty.size else None
+        e.plan_info = slot.provider.plan(slot, host, None, None)
     slot.host_seq = (slot.host_seq + 1) & 0x7FFFFFFF
     e.seq, e.append_rows, e.state = slot.host_seq, append_rows, "queued"
     e.expected = expected
@@ -398,59 +410,27 @@ def _adopt_callback(slot: PlanSlot):
                 exp_out.copy_(torch.from_numpy(e.expected))
             _retire_current(slot, stream)
             e.state, slot.current = "current", e
-            slot.plan_info, slot.int_ws = e.plan_info, e.int_ws
+            (slot.plan_info, slot.plan_info_p), slot.int_ws = e.plan_info, e.int_ws
             slot.append_rows, slot.append_rows_index = e.append_rows, None
-            slot.empty_req = e.empty_req
-            if slot.on_plan is not None:
-                slot.on_plan(slot)
-            slot.num_plans += 1
+            _planned(slot)
             as_torch(outs[0]).fill_(e.seq)
 
     return cb
 
 
-def discard_host_plans() -> int:
-    """Drop every host plan still waiting for a step (after a step failed to run, say). Returns
-    how many were dropped."""
-    n = 0
-    for slot in list(_slots.values()):
-        while slot.queue:
-            e = slot.queue.popleft()
-            e.state = "free"     # never used by a step; host_plan waits for its copy anyway
-            n += 1
-    return n
-
-
-def adopt(key: PlanKey, n_expected: int) -> tuple[jax.Array, jax.Array]:
-    """Inside the step: take the oldest host plan of `key` (no stream sync). Returns the token
+def adopt(slot: PlanSlot, n_expected: int) -> tuple[jax.Array, jax.Array]:
+    """Inside the step: take the oldest host plan of `slot` (no stream sync). Returns the token
     (int32[1], the plan's sequence number) and the plan's `expected` (int32[n_expected]), both
     written on XLA's stream from the plan's ring entry."""
-    slot = get_slot(key)
     f = buffer_callback(_adopt_callback(slot),
                         (jax.ShapeDtypeStruct(TOKEN_SHAPE, jnp.int32),
                          jax.ShapeDtypeStruct((n_expected,), jnp.int32)),
                         vmap_method=None)
     return f()
 
+
 # --------------------------------------------------------------------------------------------
-# padding fix-ups (run on XLA's stream inside the run callbacks)
-
-
-def _fix_requests(o, lse, idx, provider=None):
-    # FlashInfer's kernels already write 0 / -inf for a request without pages (measured on H200,
-    # both decode kernels); other providers get the fix-up.
-    if idx is not None and not getattr(provider, "zeroes_empty_requests", False):
-        idx = idx.to(o.device)
-        o.index_fill_(0, idx, 0)
-        if lse is not None:
-            lse.index_fill_(0, idx, -math.inf)
-
-
-def _fix_rows(o, lse, total):
-    if total < o.shape[0]:
-        o[total:].zero_()
-        if lse is not None:
-            lse[total:].fill_(-math.inf)
+# runs: one buffer_callback per call, on XLA's stream
 
 
 def _split_kv(kv_t: torch.Tensor):
@@ -458,149 +438,122 @@ def _split_kv(kv_t: torch.Tensor):
     return kv_t.select(1, 0), kv_t.select(1, 1)
 
 
-def _out_struct(shape, dtype, rp: RunParams, lse_rows_heads):
-    outs = [jax.ShapeDtypeStruct(shape, dtype)]
+def _outs(shapes, rp: RunParams):
+    """Outputs [x...] then, with LSE, one float32 [rows, heads] per output."""
+    outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in shapes]
     if rp.return_lse:
-        outs.append(jax.ShapeDtypeStruct(lse_rows_heads, jnp.float32))
+        outs += [jax.ShapeDtypeStruct(x.shape[:2], jnp.float32) for x in shapes]
     return tuple(outs)
 
 
-# --------------------------------------------------------------------------------------------
-# decode
+def _cached(slot: PlanSlot, name: str, make, *args):
+    cb = slot.callbacks.get((name, *args))
+    if cb is None:
+        cb = slot.callbacks[(name, *args)] = make(slot, *args)
+    return cb
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_cb(key: PlanKey, rp: RunParams):
-    slot = get_slot(key)
+def _decode_cb(slot: PlanSlot, rp: RunParams):
     run = slot.provider.decode
 
     def cb(ctx, outs, q, kv, indptr, indices, lpl, token):
         with StreamScope(xla_stream(ctx)):
             k, v = _split_kv(as_torch(kv))
-            o = as_torch(outs[0])
             lse = as_torch(outs[1]) if rp.return_lse else None
-            run(slot, as_torch(q), k, v, as_torch(indptr), as_torch(indices), as_torch(lpl), o,
-                lse, rp)
-            _fix_requests(o, lse, slot.empty_req, slot.provider)
+            run(slot, as_torch(q), k, v, as_torch(indptr), as_torch(indices), as_torch(lpl),
+                as_torch(outs[0]), lse, rp)
 
     return cb
 
 
-def decode(key: PlanKey, rp: RunParams, token, q, kv, indptr, indices, lpl):
-    """q[B,Hq,D] against the paged pool -> (out[B,Hq,D],) or (out, lse[B,Hq])."""
-    f = buffer_callback(_decode_cb(key, rp), _out_struct(q.shape, q.dtype, rp, q.shape[:2]),
+def decode(slot: PlanSlot, rp: RunParams, token, q, kv, indptr, indices, lpl, pages=None):
+    """q[B,Hq,D] against the paged pool -> (out[B,Hq,D],) or (out, lse[B,Hq]). `indices` address
+    the whole pool (`pages` is the FFI path's and must be None here)."""
+    assert pages is None, "the buffer_callback path takes global page indices"
+    f = buffer_callback(_cached(slot, "decode", _decode_cb, rp), _outs([q], rp),
                         vmap_method=None)
     return f(q, kv, indptr, indices, lpl, token)
 
 
-# --------------------------------------------------------------------------------------------
-# prefill (paged, batch)
-
-
-@functools.lru_cache(maxsize=None)
-def _prefill_cb(key: PlanKey, rp: RunParams):
-    slot = get_slot(key)
+def _prefill_cb(slot: PlanSlot, rp: RunParams):
     run = slot.provider.prefill
 
     def cb(ctx, outs, q, kv, qo_indptr, indptr, indices, lpl, token):
         with StreamScope(xla_stream(ctx)):
             k, v = _split_kv(as_torch(kv))
-            o = as_torch(outs[0])
             lse = as_torch(outs[1]) if rp.return_lse else None
             run(slot, as_torch(q), k, v, as_torch(qo_indptr), as_torch(indptr),
-                as_torch(indices), as_torch(lpl), o, lse, rp)
-            _fix_rows(o, lse, slot.total_rows)
+                as_torch(indices), as_torch(lpl), as_torch(outs[0]), lse, rp)
 
     return cb
 
 
-def prefill(key: PlanKey, rp: RunParams, token, q, kv, qo_indptr, indptr, indices, lpl):
-    f = buffer_callback(_prefill_cb(key, rp), _out_struct(q.shape, q.dtype, rp, q.shape[:2]),
+def prefill(slot: PlanSlot, rp: RunParams, token, q, kv, qo_indptr, indptr, indices, lpl,
+            pages=None):
+    """q[T,Hq,D] (rows by qo_indptr) -> (out,) or (out, lse); rows past qo_indptr[B] unwritten."""
+    assert pages is None, "the buffer_callback path takes global page indices"
+    f = buffer_callback(_cached(slot, "prefill", _prefill_cb, rp), _outs([q], rp),
                         vmap_method=None)
     return f(q, kv, qo_indptr, indptr, indices, lpl, token)
 
 
-# --------------------------------------------------------------------------------------------
-# POD: one prefill request (contiguous k_p / v_p) + a decode batch, one launch
-
-
-@functools.lru_cache(maxsize=None)
-def _pod_cb(key: PlanKey, rp: RunParams, causal_p: bool):
-    slot = get_slot(key)
+def _pod_cb(slot: PlanSlot, rp: RunParams, causal_p: bool):
     run = slot.provider.pod
 
     def cb(ctx, outs, q_p, k_p, v_p, q_d, kv, indptr, indices, lpl, token):
         with StreamScope(xla_stream(ctx)):
             k, v = _split_kv(as_torch(kv))
-            o_p, o_d = as_torch(outs[0]), as_torch(outs[1])
             lse_p = as_torch(outs[2]) if rp.return_lse else None
             lse_d = as_torch(outs[3]) if rp.return_lse else None
             run(slot, as_torch(q_p), as_torch(k_p), as_torch(v_p), causal_p, as_torch(q_d), k, v,
-                as_torch(indptr), as_torch(indices), as_torch(lpl), o_p, o_d, lse_p, lse_d, rp)
-            _fix_requests(o_d, lse_d, slot.empty_req, slot.provider)
+                as_torch(indptr), as_torch(indices), as_torch(lpl), as_torch(outs[0]),
+                as_torch(outs[1]), lse_p, lse_d, rp)
 
     return cb
 
 
-def pod(key: PlanKey, rp: RunParams, causal_p: bool, token, q_p, k_p, v_p, q_d, kv, indptr,
+def pod(slot: PlanSlot, rp: RunParams, causal_p: bool, token, q_p, k_p, v_p, q_d, kv, indptr,
         indices, lpl):
-    shapes = [jax.ShapeDtypeStruct(q_p.shape, q_p.dtype), jax.ShapeDtypeStruct(q_d.shape, q_d.dtype)]
-    if rp.return_lse:
-        shapes += [jax.ShapeDtypeStruct(q_p.shape[:2], jnp.float32),
-                   jax.ShapeDtypeStruct(q_d.shape[:2], jnp.float32)]
-    f = buffer_callback(_pod_cb(key, rp, causal_p), tuple(shapes), vmap_method=None)
+    """One contiguous-K/V prefill request + a decode batch, one launch -> (o_p, o_d[, lse_p,
+    lse_d])."""
+    f = buffer_callback(_cached(slot, "pod", _pod_cb, rp, causal_p), _outs([q_p, q_d], rp),
+                        vmap_method=None)
     return f(q_p, k_p, v_p, q_d, kv, indptr, indices, lpl, token)
 
 
-# --------------------------------------------------------------------------------------------
-# batch POD: a paged prefill batch + a decode batch, one launch
-
-
-@functools.lru_cache(maxsize=None)
-def _batch_pod_cb(key: PlanKey, rp: RunParams):
-    slot = get_slot(key)
+def _batch_pod_cb(slot: PlanSlot, rp: RunParams):
     run = slot.provider.batch_pod
 
     def cb(ctx, outs, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d, indices_d,
            lpl_d, kv, token):
         with StreamScope(xla_stream(ctx)):
             k, v = _split_kv(as_torch(kv))
-            o_p, o_d = as_torch(outs[0]), as_torch(outs[1])
             lse_p = as_torch(outs[2]) if rp.return_lse else None
             lse_d = as_torch(outs[3]) if rp.return_lse else None
             run(slot, as_torch(q_p), as_torch(qo_indptr_p), as_torch(indptr_p),
                 as_torch(indices_p), as_torch(lpl_p), as_torch(q_d), as_torch(indptr_d),
-                as_torch(indices_d), as_torch(lpl_d), k, v, o_p, o_d, lse_p, lse_d, rp)
-            _fix_rows(o_p, lse_p, slot.total_rows)
-            _fix_requests(o_d, lse_d, slot.empty_req, slot.provider)
+                as_torch(indices_d), as_torch(lpl_d), k, v, as_torch(outs[0]), as_torch(outs[1]),
+                lse_p, lse_d, rp)
 
     return cb
 
 
-def batch_pod(key: PlanKey, rp: RunParams, token, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p,
+def batch_pod(slot: PlanSlot, rp: RunParams, token, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p,
               q_d, indptr_d, indices_d, lpl_d, kv):
-    shapes = [jax.ShapeDtypeStruct(q_p.shape, q_p.dtype), jax.ShapeDtypeStruct(q_d.shape, q_d.dtype)]
-    if rp.return_lse:
-        shapes += [jax.ShapeDtypeStruct(q_p.shape[:2], jnp.float32),
-                   jax.ShapeDtypeStruct(q_d.shape[:2], jnp.float32)]
-    f = buffer_callback(_batch_pod_cb(key, rp), tuple(shapes), vmap_method=None)
+    """A paged prefill batch + a decode batch, one launch -> (o_p, o_d[, lse_p, lse_d]); prefill
+    rows past qo_indptr_p[B] unwritten."""
+    f = buffer_callback(_cached(slot, "batch_pod", _batch_pod_cb, rp), _outs([q_p, q_d], rp),
+                        vmap_method=None)
     return f(q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d, indices_d, lpl_d, kv,
              token)
 
 
-# --------------------------------------------------------------------------------------------
-# append new K/V rows into the pool, in place (the pool is aliased to the output: donate it)
-
-
-@functools.lru_cache(maxsize=None)
-def _append_cb(key: PlanKey):
-    slot = get_slot(key)
+def _append_cb(slot: PlanSlot):
     run = slot.provider.append
 
     def cb(ctx, outs, kv, keys, values, batch_indices, positions, indptr, indices, lpl, token):
         with StreamScope(xla_stream(ctx)):
-            kv_t = as_torch(outs[0])        # == the input pool's buffer (aliased)
-            k_cache, v_cache = _split_kv(kv_t)
+            k_cache, v_cache = _split_kv(as_torch(outs[0]))   # == the input pool (aliased)
             run(slot, as_torch(keys), as_torch(values), as_torch(batch_indices),
                 as_torch(positions), k_cache, v_cache, as_torch(indptr), as_torch(indices),
                 as_torch(lpl))
@@ -608,10 +561,12 @@ def _append_cb(key: PlanKey):
     return cb
 
 
-def append(key: PlanKey, token, kv, keys, values, batch_indices, positions, indptr, indices, lpl):
-    """Write rows `keys/values[T,Hkv,D]` at (batch_indices, positions) of the pool; returns the pool
-    (same buffer when `kv` is donated)."""
-    f = buffer_callback(_append_cb(key), (jax.ShapeDtypeStruct(kv.shape, kv.dtype),),
-                        input_output_aliases={0: 0}, vmap_method=None)
+def append(slot: PlanSlot, token, kv, keys, values, batch_indices, positions, indptr, indices, lpl,
+           pages=None):
+    """Write rows `keys/values[T,Hkv,D]` at (batch_indices, positions) of the pool; returns the
+    pool (the same buffer when `kv` is donated)."""
+    assert pages is None, "the buffer_callback path takes global page indices"
+    f = buffer_callback(_cached(slot, "append", _append_cb), (jax.ShapeDtypeStruct(kv.shape,
+                        kv.dtype),), input_output_aliases={0: 0}, vmap_method=None)
     (out,) = f(kv, keys, values, batch_indices, positions, indptr, indices, lpl, token)
     return out

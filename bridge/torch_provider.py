@@ -1,8 +1,12 @@
-"""A small torch implementation of the provider interface (decode, prefill, append).
+"""A small torch implementation of the kernel provider (`ops.KernelProvider`): decode, prefill,
+batch POD, append.
 
 It exists so the CPU tests can drive the bridge's real plan/run/alias mechanics (buffer_callback,
-DLPack views, tokens, padding fix-ups, donation) without FlashInfer or a GPU. It is slow (loops
-over requests) and supports pos_encoding_mode="NONE" only. LSE is base 2, like FlashInfer's.
+DLPack views, tokens, host plans, donation) without FlashInfer or a GPU:
+`FlashInferBackend(provider="torch")`. It is slow (loops over requests) and supports
+pos_encoding_mode="NONE" only, and no POD. LSE is base 2, like FlashInfer's; like FlashInfer's
+kernels it writes 0 (LSE -inf) for a request without pages and leaves rows past `qo_indptr[B]`
+unwritten.
 """
 
 from __future__ import annotations
@@ -23,22 +27,24 @@ def _pages_view(cache: torch.Tensor, layout: str) -> torch.Tensor:
 
 class TorchProvider:
     name = "torch"
+    has_ffi = False
+
+    def unsupported(self, kind, options):
+        if options.pos_encoding_mode != "NONE":
+            return ("torch test provider: pos_encoding_mode must be 'NONE' (RoPE/ALiBi run on the "
+                    "flashinfer provider and the reference backend)")
+        if kind == "pod":
+            return "torch test provider: POD runs on the flashinfer provider only"
+        return None
 
     def make_state(self, key):
-        if key.pos_encoding_mode != "NONE":
-            raise ValueError("torch test provider: pos_encoding_mode must be 'NONE' (RoPE/ALiBi run "
-                             "on the flashinfer provider and the reference backend)")
-        st = _State()
-        st.host = None
-        return st
+        return _State()
 
-    def plan(self, slot, host):
-        slot.state.host = {k: v.copy() for k, v in host.items()}
+    def workspaces(self, slot):
+        return None, None    # the runs read the CSR arrays themselves: no schedule to keep
 
-    def host_plan(self, slot, host, int_ws, pinned):
-        if slot.key.kind != "decode":
-            raise ValueError(f"host plans are made for decode batches, not {slot.key.kind!r}")
-        return {k: v.copy() for k, v in host.items()}    # plan_info: nothing reads it
+    def plan(self, slot, host, int_ws, pinned):
+        return {k: v.copy() for k, v in host.items()}, None   # plan_info: nothing reads it
 
     @staticmethod
     def _attend(key, q, kk, vv, q_pos, kv_len, sm_scale):
@@ -71,12 +77,15 @@ class TorchProvider:
         lpl = lpl.cpu()
         for b in range(len(lpl)):
             n = int(indptr[b + 1] - indptr[b])
-            if n == 0:
-                continue
-            kv_len = (n - 1) * key.page_size + int(lpl[b])
             r0, r1 = int(qo_indptr[b]), int(qo_indptr[b + 1])
             if r1 == r0:
                 continue
+            if n == 0:           # a request without pages: 0, LSE -inf (as FlashInfer's kernels)
+                o[r0:r1] = 0
+                if lse is not None:
+                    lse[r0:r1] = -math.inf
+                continue
+            kv_len = (n - 1) * key.page_size + int(lpl[b])
             rows = r1 - r0
             if causal:
                 q_pos = torch.arange(kv_len - rows, kv_len)
@@ -103,8 +112,10 @@ class TorchProvider:
     def pod(self, *a, **k):
         raise ValueError("torch test provider: POD runs on the flashinfer provider only")
 
-    def batch_pod(self, *a, **k):
-        raise ValueError("torch test provider: batch POD runs on the flashinfer provider only")
+    def batch_pod(self, slot, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d,
+                  indices_d, lpl_d, k, v, o_p, o_d, lse_p, lse_d, rp):
+        self.prefill(slot, q_p, k, v, qo_indptr_p, indptr_p, indices_p, lpl_p, o_p, lse_p, rp)
+        self.decode(slot, q_d, k, v, indptr_d, indices_d, lpl_d, o_d, lse_d, rp)
 
     def append(self, slot, keys, values, batch_indices, positions, k_cache, v_cache, indptr,
                indices, lpl):
@@ -122,5 +133,3 @@ class TorchProvider:
             kc[page, pos % key.page_size] = keys[i]
             vc[page, pos % key.page_size] = values[i]
 
-
-PROVIDER = TorchProvider()

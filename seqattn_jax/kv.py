@@ -61,7 +61,7 @@ def stacked_rows(config: CacheConfig, packed: PackedBatch, keys, values, where: 
     return keys if values is None else jnp.stack([keys, values], axis=1)
 
 
-def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, layer=0) -> jax.Array:
+def scatter_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, layer=0) -> jax.Array:
     """Write each token row's K/V at its page slot (`packed.token_pages/token_offsets`) in layer `layer`.
 
     Args:

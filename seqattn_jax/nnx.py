@@ -30,31 +30,32 @@ out the step's new tokens) and rows past `qo_indptr[B]` are padding: not written
 batch (`pack_for_flashinfer(state, seq_ids)`) has row b = request b; a padding request's row is not
 written and outputs 0. The model applies RoPE itself at `packed.positions` before calling the layer.
 
-Backends: the ops of `seqattn_jax.attention` with `backend="auto"` (FlashInfer on a CUDA GPU where it
-imports and can run the configuration, else the pure-JAX reference), "reference" or "flashinfer".
-FlashInfer plans once per step on the host: make the plan with `PagedAttention.plan` outside the
-layer loop and pass it to every layer (the reference backend ignores plans, so the same model code
-runs on both).
+Backends: `backend="auto"` (FlashInfer on a CUDA GPU where it imports and can run the
+configuration, else the pure-JAX reference), "reference", "flashinfer", or a backend object (e.g.
+`seqattn_jax.bridge.FlashInferBackend(transport="callback")`). FlashInfer plans once per step: make
+the plan with `PagedAttention.plan` outside the layer loop and pass it to every layer (the
+reference backend's plans are free, so the same model code runs on both).
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from seqattn_jax import attention
+from seqattn_jax import attention, backend as backend_mod
 from seqattn_jax.config import CacheConfig
+from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch
 
 __all__ = ["BACKENDS", "MODES", "PagedAttention", "paged_attention", "plan_attention", "resolve_backend"]
 
 MODES = ("prefill", "decode")
-BACKENDS = attention.BACKENDS
+BACKENDS = backend_mod.BACKENDS
 
 
-def resolve_backend(backend: str = "auto") -> str:
+def resolve_backend(backend="auto") -> str:
     """The backend `backend` names on this machine: "reference" or "flashinfer" (before the
     per-configuration checks, e.g. FlashInfer takes no float32 pool: "auto" then falls back)."""
-    return attention.resolve_backend(backend)
+    return backend_mod.resolve_backend(backend)
 
 
 def _check_mode(mode):
@@ -81,26 +82,33 @@ def _check_inputs(config: CacheConfig, q, k, v, packed):
                              f"got {tuple(x.shape)}")
 
 
+def _layer_options(options: AttentionOptions | None) -> AttentionOptions:
+    """The layer's options: causal (prefill mode), no LSE (the layer returns `out`)."""
+    options = AttentionOptions() if options is None else options
+    if not isinstance(options, AttentionOptions):
+        raise ValueError(f"options must be a seqattn_jax.AttentionOptions, got {type(options).__name__}")
+    return options.replace(causal=True, return_lse=False)
+
+
 def plan_attention(config: CacheConfig, packed: PackedBatch, num_q_heads: int, *, mode: str = "prefill",
-                   q_dtype=None, backend: str = "auto", sm_scale=None, logits_soft_cap: float = 0.0,
-                   window_left: int = -1, decode_kernel: str = "auto") -> attention.AttentionPlan:
+                   q_dtype=None, backend="auto",
+                   options: AttentionOptions | None = None) -> attention.AttentionPlan:
     """This step's attention plan for every layer (`attention.plan_prefill` / `plan_decode`).
 
     Call it inside the jitted step, once, outside the loop over layers. `q_dtype` defaults to the
-    pool dtype. The options must be those later given to `paged_attention`.
+    pool dtype. `options` (sm_scale, soft cap, window, decode kernel, ...) are the layer's: it
+    always runs causal and returns no LSE.
     """
     _check_mode(mode)
-    opts = dict(q_dtype=q_dtype, backend=backend, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
-                window_left=window_left)
+    opts = dict(q_dtype=q_dtype, backend=backend, options=_layer_options(options))
     if mode == "prefill":
-        return attention.plan_prefill(config, packed, num_q_heads, causal=True, **opts)
-    return attention.plan_decode(config, packed, num_q_heads, decode_kernel=decode_kernel, **opts)
+        return attention.plan_prefill(config, packed, num_q_heads, **opts)
+    return attention.plan_decode(config, packed, num_q_heads, **opts)
 
 
 def paged_attention(config: CacheConfig, q, k, v, kv, packed: PackedBatch, *, layer=0,
                     mode: str = "prefill", plan: attention.AttentionPlan | None = None,
-                    backend: str = "auto", sm_scale=None, logits_soft_cap: float = 0.0,
-                    window_left: int = -1, decode_kernel: str = "auto"):
+                    backend="auto", options: AttentionOptions | None = None):
     """Write this step's K/V into the pool, then attend over the pages (one layer).
 
     Args:
@@ -113,29 +121,26 @@ def paged_attention(config: CacheConfig, q, k, v, kv, packed: PackedBatch, *, la
       mode (static): "prefill": any number of rows per request, causal (chunked prefill; also right
         for decode); "decode": exactly one new token per valid request (`pack_for_flashinfer(state,
         seq_ids)` without new_lens): runs the decode kernel.
-      plan: this step's `plan_attention(...)` (same mode and options). None plans per call: fine for
-        the reference backend, one host sync per layer for FlashInfer.
-      backend, sm_scale, logits_soft_cap, window_left, decode_kernel: as in `seqattn_jax.attention`.
+      plan: this step's `plan_attention(...)` (same mode). None plans per call from `backend` and
+        `options`: fine for the reference backend, one host sync per layer for FlashInfer.
+      backend, options: as in `plan_attention` (used only when `plan` is None).
     Returns:
       (out [T, Hq, D] in q.dtype, 0 on padding rows; the updated pool).
     """
     _check_mode(mode)
     _check_inputs(config, q, k, v, packed)
-    if plan is None and backend != "reference":
-        plan = plan_attention(config, packed, q.shape[1], mode=mode, q_dtype=q.dtype, backend=backend,
-                              sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
-                              window_left=window_left, decode_kernel=decode_kernel)
-    kv = attention.append_kv(config, kv, k, v, packed, layer=layer, backend=backend, plan=plan)
-    opts = dict(layer=layer, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
-                window_left=window_left, backend=backend, plan=plan)
+    if plan is None:
+        plan = plan_attention(config, packed, q.shape[1], mode=mode, q_dtype=q.dtype,
+                              backend=backend, options=options)
+    kv = attention.append_kv(config, kv, k, v, packed, layer=layer, plan=plan)
     if mode == "prefill":
-        return attention.batch_prefill(config, q, kv, packed, causal=True, **opts), kv
+        return attention.batch_prefill(config, q, kv, packed, layer=layer, plan=plan), kv
     # Decode: `pack_for_flashinfer(state, seq_ids)` lays row b = request b, as the kernel's q[B].
     if packed.num_token_rows != packed.batch_size:
         raise ValueError(f"paged_attention: mode='decode' needs one row per request "
                          f"(pack_for_flashinfer with new_lens=None), got {packed.num_token_rows} rows "
                          f"for {packed.batch_size} requests")
-    out = attention.batch_decode(config, q, kv, packed, decode_kernel=decode_kernel, **opts)
+    out = attention.batch_decode(config, q, kv, packed, layer=layer, plan=plan)
     return out.astype(q.dtype), kv
 
 
@@ -146,17 +151,16 @@ class PagedAttention(nnx.Module):
       config: the cache's `CacheConfig` (heads, head_dim, page size, pool shape, layers).
       num_q_heads: query heads, a multiple of `config.num_kv_heads`.
       mode: default mode, "prefill" (causal, ragged rows) or "decode" (one row per request).
-      backend: "auto" | "reference" | "flashinfer".
-      sm_scale: softmax scale (default `1/sqrt(head_dim)`); logits_soft_cap, window_left: as in
-        FlashInfer (0 / -1 disable them); decode_kernel: "auto" | "tensor_core" | "cuda_core".
+      backend: "auto" | "reference" | "flashinfer" | a backend object.
+      options: the `AttentionOptions` (sm_scale, logits_soft_cap, window_left, decode_kernel, ...;
+        the layer always runs causal and returns no LSE).
 
     `plan(packed, mode=None)` -> the step's plan (once per step); `__call__(q, k, v, kv, packed, *,
     layer=0, mode=None, plan=None)` -> (out, kv): see `paged_attention`.
     """
 
     def __init__(self, config: CacheConfig, *, num_q_heads: int, mode: str = "prefill",
-                 backend: str = "auto", sm_scale: float | None = None, logits_soft_cap: float = 0.0,
-                 window_left: int = -1, decode_kernel: str = "auto"):
+                 backend="auto", options: AttentionOptions | None = None):
         if not isinstance(config, CacheConfig):
             raise ValueError(f"PagedAttention: config must be a CacheConfig, got {type(config).__name__}")
         if (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads <= 0
@@ -164,25 +168,19 @@ class PagedAttention(nnx.Module):
             raise ValueError(f"PagedAttention: num_q_heads must be a positive multiple of "
                              f"config.num_kv_heads = {config.num_kv_heads}, got {num_q_heads!r}")
         _check_mode(mode)
-        if backend not in BACKENDS:
-            raise ValueError(f"PagedAttention: backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(backend, str) and backend not in BACKENDS:
+            raise ValueError(f"PagedAttention: backend must be one of {BACKENDS} or a backend "
+                             f"object, got {backend!r}")
         self.config = config
         self.num_q_heads = num_q_heads
         self.mode = mode
         self.backend = backend
-        self.sm_scale = sm_scale
-        self.logits_soft_cap = float(logits_soft_cap)
-        self.window_left = int(window_left)
-        self.decode_kernel = decode_kernel
-
-    def _opts(self):
-        return dict(backend=self.backend, sm_scale=self.sm_scale, logits_soft_cap=self.logits_soft_cap,
-                    window_left=self.window_left, decode_kernel=self.decode_kernel)
+        self.options = _layer_options(options)
 
     def plan(self, packed: PackedBatch, *, mode: str | None = None, q_dtype=None):
         """The step's `AttentionPlan` (make it once per step, pass it to every layer)."""
         return plan_attention(self.config, packed, self.num_q_heads, mode=mode or self.mode,
-                              q_dtype=q_dtype, **self._opts())
+                              q_dtype=q_dtype, backend=self.backend, options=self.options)
 
     def __call__(self, q, k, v, kv, packed: PackedBatch, *, layer=0, mode: str | None = None,
                  plan=None):
@@ -190,4 +188,4 @@ class PagedAttention(nnx.Module):
             raise ValueError(f"PagedAttention: q must have num_q_heads = {self.num_q_heads} heads, "
                              f"got shape {tuple(q.shape)}")
         return paged_attention(self.config, q, k, v, kv, packed, layer=layer, mode=mode or self.mode,
-                               plan=plan, **self._opts())
+                               plan=plan, backend=self.backend, options=self.options)

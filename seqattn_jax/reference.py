@@ -71,20 +71,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqattn_jax import options
 from seqattn_jax.config import KV_LAYOUTS, CacheConfig
+from seqattn_jax.options import POS_ENCODING_MODES, is_number as _is_number
 from seqattn_jax.packing import PackedBatch
 
 __all__ = ["POS_ENCODING_MODES", "Q_DTYPES", "alibi_slopes", "batch_decode", "batch_prefill",
            "batch_pod", "pod"]
 
-POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
 # dtypes of queries (and so of outputs). K/V may be any pool dtype of `config.KV_DTYPES`.
 Q_DTYPES = ("float16", "bfloat16", "float32")
 _LOG2E = math.log2(math.e)
@@ -114,10 +114,6 @@ class _Scalars(NamedTuple):
     rope_rcp_theta: jax.Array
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _positive_float(name: str, value):
     """A positive finite Python number, or a float scalar array (whose value cannot be checked)."""
     if _is_number(value):
@@ -141,21 +137,13 @@ def _make_options(config, *, sm_scale, logits_soft_cap, window_left, pos_encodin
     if not isinstance(config, CacheConfig):
         raise ValueError(f"config must be a seqattn_jax.CacheConfig, got {type(config).__name__}")
     head_dim = config.head_dim
-    if not isinstance(pos_encoding_mode, str) or pos_encoding_mode not in POS_ENCODING_MODES:
-        raise ValueError(f"pos_encoding_mode must be one of {POS_ENCODING_MODES}, "
-                         f"got {pos_encoding_mode!r}")
+    # the rules are `seqattn_jax.options`' (one copy); sm_scale / rope_* may also be traced here
+    pos_encoding_mode = options.check_pos_encoding_mode(pos_encoding_mode)
     if pos_encoding_mode == "ROPE_LLAMA" and head_dim % 2:
         raise ValueError(f"pos_encoding_mode='ROPE_LLAMA' needs an even head_dim, got {head_dim}")
-    if isinstance(window_left, (bool, np.bool_)) or not isinstance(window_left, (int, np.integer)) \
-            or window_left < -1:
-        raise ValueError(f"window_left must be a Python int >= -1 (-1 disables the window), "
-                         f"got {window_left!r}")
-    if not _is_number(logits_soft_cap) or not math.isfinite(float(logits_soft_cap)) \
-            or float(logits_soft_cap) < 0:
-        raise ValueError(f"logits_soft_cap must be a static finite float >= 0 (0 disables it), "
-                         f"got {logits_soft_cap!r}")
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    window_left = options.check_window_left(window_left)
+    logits_soft_cap = options.check_soft_cap(logits_soft_cap)
+    options.check_bool("return_lse", return_lse)
     sm_scale = _positive_float("sm_scale", 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale)
     rope_scale = _positive_float("rope_scale", rope_scale)
     rope_theta = _positive_float("rope_theta", rope_theta)
@@ -412,10 +400,7 @@ def _result(outs, lses, return_lse):
     return (tuple(outs), tuple(lses)) if return_lse else tuple(outs)
 
 
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
+_check_bool = options.check_bool
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Bridge mechanics on a CPU: buffer_callback + DLPack zero-copy, in-place aliasing with donation,
-plan tokens shared by layers, padding, errors and backend selection.
+plan tokens shared by layers, padding, host plans, errors and backend selection.
 
 FlashInfer needs a GPU, so the plan/run callbacks here drive the bridge's small torch kernels
-(`bridge/torch_provider.py`) through exactly the code path the FlashInfer backend uses
-(`seqattn_jax.attention` -> `bridge.ops` -> buffer_callback). Skipped when torch is missing.
+(`FlashInferBackend(provider="torch")`) through exactly the code path the FlashInfer backend uses
+(`seqattn_jax.attention` -> `bridge.backend` -> `bridge.ops` -> buffer_callback). Skipped when
+torch is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -22,14 +24,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import seqattn_jax as sj  # noqa: E402
-from seqattn_jax import attention, reference  # noqa: E402
+from seqattn_jax import attention, bridge, reference  # noqa: E402
+from seqattn_jax import backend as backend_mod  # noqa: E402
+from seqattn_jax.bridge import ffi, fi_provider, interop, ops  # noqa: E402
+from seqattn_jax.bridge.backend import decode_kernel_for  # noqa: E402
 from seqattn_jax.config import CacheConfig  # noqa: E402
-from seqattn_jax.kv import append_kv as scatter_append  # noqa: E402
+from seqattn_jax.kv import scatter_kv as scatter_append  # noqa: E402
+from seqattn_jax.options import AttentionOptions  # noqa: E402
 from seqattn_jax.packing import PackedBatch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-interop = attention.bridge_module("interop")
-ops = attention.bridge_module("ops")
+O = AttentionOptions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,11 +118,17 @@ def close_lse(a, b, tol=1e-2):
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
-    """Route backend='flashinfer' to the bridge's torch kernels (CPU)."""
-    monkeypatch.setattr(attention, "_PROVIDER", "torch")
-    monkeypatch.setattr(attention, "flashinfer_available", lambda: True)
-    yield
+def torch_backend():
+    """A FlashInfer backend running the bridge's torch kernels (CPU): pass it as backend=."""
+    return bridge.FlashInferBackend(provider="torch")
+
+
+@pytest.fixture
+def torch_default(monkeypatch, torch_backend):
+    """Make the process default FlashInfer backend (backend="auto" / "flashinfer") the torch one."""
+    monkeypatch.setattr(backend_mod, "flashinfer_available", lambda: True)
+    monkeypatch.setitem(backend_mod._DEFAULTS, "flashinfer", torch_backend)
+    return torch_backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,12 +147,13 @@ def test_import_does_not_import_torch():
 def test_auto_backend_is_reference_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("JAX runs on an accelerator here")
-    assert attention.resolve_backend("auto") == "reference"
-    assert not attention.flashinfer_available()
+    assert backend_mod.resolve_backend("auto") == "reference"
+    assert not backend_mod.flashinfer_available()
+    assert sj.default_backend() == sj.ReferenceBackend()
     with pytest.raises(RuntimeError, match="flashinfer"):
-        attention.resolve_backend("flashinfer")
+        backend_mod.resolve_backend("flashinfer")
     with pytest.raises(ValueError, match="backend"):
-        attention.resolve_backend("cuda")
+        backend_mod.resolve_backend("cuda")
     rng = np.random.default_rng(0)
     cfg = make_config()
     packed, pages = make_packed(rng, cfg, [5, 0, 9])
@@ -150,7 +162,7 @@ def test_auto_backend_is_reference_on_cpu():
     out = attention.batch_decode(cfg, q, kv, packed, layer=1)
     close(out, reference.batch_decode(cfg, q, kv, packed, layer=1), tol=0)
     plan = attention.plan_decode(cfg, packed, 4)
-    assert plan.backend == "reference" and plan.token is None
+    assert plan.backend.name == "reference" and plan.token is None
     close(attention.batch_decode(cfg, q, kv, packed, layer=1, plan=plan), out, tol=0)
 
 
@@ -243,8 +255,8 @@ def test_decode_matches_reference(torch_backend, layout, opts):
     packed, pages = make_packed(rng, cfg, lens)
     kv = make_pool(rng, cfg, pages, lens)
     q = rand(rng, (5, 4, 64))
-    f = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, layer=2, return_lse=True,
-                                                        backend="flashinfer", **opts))
+    f = jax.jit(lambda q, kv, p: attention.batch_decode(
+        cfg, q, kv, p, layer=2, options=O(return_lse=True, **opts), backend=torch_backend))
     out, lse = f(q, kv, packed)
     ref, ref_lse = reference.batch_decode(cfg, q, kv, packed, layer=2, return_lse=True, **opts)
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -262,12 +274,12 @@ def test_one_plan_serves_every_layer_loop_and_scan(torch_backend):
     q = rand(rng, (4, 4, 64))
 
     def loop_step(q, kv, packed):
-        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        plan = attention.plan_decode(cfg, packed, 4, backend=torch_backend)
         return jnp.stack([attention.batch_decode(cfg, q, kv, packed, layer=l, plan=plan)
                           for l in range(cfg.num_layers)])
 
     def scan_step(q, kv, packed):
-        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        plan = attention.plan_decode(cfg, packed, 4, backend=torch_backend)
 
         def body(carry, layer):
             return carry, attention.batch_decode(cfg, q, kv, packed, layer=layer, plan=plan)
@@ -279,12 +291,10 @@ def test_one_plan_serves_every_layer_loop_and_scan(torch_backend):
     for step in (loop_step, scan_step):
         jitted = jax.jit(step)
         jitted(q, kv, packed)[0].block_until_ready()   # compile + one run
-        # Count plans over every slot: other tests may have made slots of the same batch size.
-        before = sum(ops.get_slot(k).num_plans for k in list(ops._slots))
+        before = torch_backend.slots.num_plans()
         out = jitted(q, kv, packed)
         out.block_until_ready()
-        assert sum(ops.get_slot(k).num_plans for k in list(ops._slots)) == before + 1, \
-            "one plan per step"
+        assert torch_backend.slots.num_plans() == before + 1, "one plan per step"
         close(out, ref)
         hlo = jitted.lower(q, kv, packed).as_text()
         assert "pure_callback" not in hlo and "io_callback" not in hlo
@@ -300,7 +310,8 @@ def test_prefill_matches_reference_with_padding_rows(torch_backend, causal, layo
     kv = make_pool(rng, cfg, pages, lens)
     q = rand(rng, (20, 4, 64))
     out, lse = jax.jit(lambda q, kv, p: attention.batch_prefill(
-        cfg, q, kv, p, layer=1, causal=causal, return_lse=True, backend="flashinfer"))(q, kv, packed)
+        cfg, q, kv, p, layer=1, options=O(causal=causal, return_lse=True),
+        backend=torch_backend))(q, kv, packed)
     ref, ref_lse = reference.batch_prefill(cfg, q, kv, packed, layer=1, causal=causal,
                                            return_lse=True)
     close(out, ref)
@@ -319,9 +330,9 @@ def test_flashinfer_append_is_in_place(torch_backend, layout):
     want = scatter_append(cfg, kv, keys, vals, packed, layer=2)
 
     def step(kv, keys, vals, packed):
-        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+        plan = attention.plan_decode(cfg, packed, 4, backend=torch_backend)
         return attention.append_kv(cfg, kv, keys, vals, packed, layer=2, plan=plan,
-                                   impl="flashinfer")
+                                   impl="backend")
 
     jstep = jax.jit(step, donate_argnums=0)
     kv2 = kv + 0
@@ -339,20 +350,26 @@ def test_plan_must_match_the_call(torch_backend):
     q = rand(rng, (2, 4, 64))
 
     def f(**kw):
-        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer", window_left=3)
+        plan = attention.plan_decode(cfg, packed, 4, backend=torch_backend,
+                                     options=O(window_left=3))
         return attention.batch_decode(cfg, q, kv, packed, plan=plan, **kw)
 
-    with pytest.raises(ValueError, match="window_left"):
-        jax.jit(lambda: f())()
-    with pytest.raises(ValueError, match="q_shape"):
-        plan = attention.plan_decode(cfg, packed, 2, backend="flashinfer")
+    with pytest.raises(ValueError, match="options belong to the plan"):
+        jax.jit(lambda: f(options=O()))()
+    with pytest.raises(ValueError, match=r"q.shape=\(2, 4, 64\) differs from the plan's"):
+        plan = attention.plan_decode(cfg, packed, 2, backend=torch_backend)
         attention.batch_decode(cfg, q, kv, packed, plan=plan)
-    with pytest.raises(ValueError, match="prefill"):
-        plan = attention.plan_decode(cfg, packed, 4, backend="flashinfer")
+    with pytest.raises(ValueError, match="make it with plan_prefill"):
+        plan = attention.plan_decode(cfg, packed, 4, backend=torch_backend)
         attention.batch_prefill(cfg, q, kv, packed, plan=plan)
+    with pytest.raises(ValueError, match="plan_id must be an int"):
+        attention.plan_decode(cfg, packed, 4, backend=torch_backend, plan_id=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention.plan_decode(cfg, packed, 4, backend=object())
 
 
-def test_unsupported_configurations(torch_backend):
+def test_unsupported_configurations(torch_default):
+    torch_backend = torch_default
     rng = np.random.default_rng(6)
     packed, pages = make_packed(rng, make_config(), [5, 6])
     cases = [
@@ -364,30 +381,36 @@ def test_unsupported_configurations(torch_backend):
         kv = jnp.zeros(cfg.kv_shape, cfg.jnp_dtype)
         q = rand(rng, (2, 4, cfg.head_dim), qdt)
         with pytest.raises(ValueError, match=what):
-            attention.batch_decode(cfg, q, kv, packed, backend="flashinfer")
+            attention.batch_decode(cfg, q, kv, packed, backend=torch_backend)
+        with pytest.raises(ValueError, match=what):
+            attention.batch_decode(cfg, q, kv, packed, backend=torch_backend)
         with pytest.warns(UserWarning, match="falling back"):
-            attention._warned.clear()
+            backend_mod._warned.clear()
             out = attention.batch_decode(cfg, q, kv, packed, backend="auto")
         close(out, reference.batch_decode(cfg, q, kv, packed), tol=0)
     cfg = make_config()
     kv = jnp.zeros(cfg.kv_shape, cfg.jnp_dtype)
     q = rand(rng, (2, 10, 64))
     with pytest.raises(ValueError, match="cuda_core"):
-        attention.batch_decode(cfg, q, kv, packed, backend="flashinfer", decode_kernel="cuda_core")
+        attention.batch_decode(cfg, q, kv, packed, backend=torch_backend,
+                               options=O(decode_kernel="cuda_core"))
     q = rand(rng, (2, 4, 64))
     with pytest.raises(ValueError, match="soft cap"):
         attention.pod(cfg, q, rand(rng, (3, 2, 64)), rand(rng, (3, 2, 64)), q, kv, packed,
-                      logits_soft_cap=5.0, backend="flashinfer")
+                      options=O(logits_soft_cap=5.0), backend=torch_backend)
     with pytest.raises(ValueError, match="sm_scale"):
-        jax.jit(lambda s: attention.batch_decode(cfg, q, kv, packed, sm_scale=s,
-                                                 backend="flashinfer"))(jnp.float32(0.1))
+        jax.jit(lambda s: attention.batch_decode(cfg, q, kv, packed, options=O(sm_scale=s),
+                                                 backend=torch_backend))(jnp.float32(0.1))
+    with pytest.raises(ValueError, match="pos_encoding_mode"):
+        attention.batch_decode(cfg, q, kv, packed, backend=torch_backend,
+                               options=O(pos_encoding_mode="ROPE_LLAMA"))
 
 
 def test_decode_kernel_choice():
-    assert attention._decode_kernel("auto", 4) == "tensor_core"
-    assert attention._decode_kernel("auto", 1) == "cuda_core"
-    assert attention._decode_kernel("auto", 5) == "tensor_core"
-    assert attention._decode_kernel("cuda_core", 8) == "cuda_core"
+    assert decode_kernel_for("auto", 4) == "tensor_core"
+    assert decode_kernel_for("auto", 1) == "cuda_core"
+    assert decode_kernel_for("auto", 5) == "tensor_core"
+    assert decode_kernel_for("cuda_core", 8) == "cuda_core"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +420,6 @@ def test_decode_kernel_choice():
 def test_ffi_shim_assembles_views_and_constants():
     pytest.importorskip("jax_tvm_ffi")
     tvm_ffi = pytest.importorskip("tvm_ffi")
-    ffi = attention.bridge_module("ffi")
     try:
         target = ffi._register("cpu")
     except Exception as e:  # noqa: BLE001 - no C++ compiler here
@@ -483,12 +505,12 @@ def test_host_plans_drive_steps_like_device_plans(torch_backend, use_scan):
     step = _host_plan_step(cfg, 4, seq_ids, use_scan)
     for it in range(12):
         lens = np.where(lens > 0, lens + 1, 0)
-        hp = attention.host_plan_decode(cfg, lens, 4, backend="flashinfer")
+        hp = attention.host_plan_decode(cfg, lens, 4, backend=torch_backend)
         q, k = rand(rng, (2, 4, 4, 64)), rand(rng, (2, 4, 2, 64))
         state, kv, outs, refs, ok = step(state, kv, q, k, hp)
         assert bool(jnp.all(ok)), f"step {it}"
         close(outs, refs)
-    assert attention.discard_host_plans() == 0
+    assert torch_backend.discard_host_plans() == 0
 
 
 def test_host_plan_mismatch_desync_and_limits(torch_backend):
@@ -501,25 +523,25 @@ def test_host_plan_mismatch_desync_and_limits(torch_backend):
     step = _host_plan_step(cfg, 4, seq_ids, False)
     q, k = rand(rng, (1, 2, 4, 64)), rand(rng, (1, 2, 2, 64))
     # lengths that are not the step's: flagged
-    hp = attention.host_plan_decode(cfg, [7, 5], 4, backend="flashinfer")
+    hp = attention.host_plan_decode(cfg, [7, 5], 4, backend=torch_backend)
     state, kv, _, _, ok = step(state, kv, q, k, hp)
     assert not bool(jnp.all(ok))
     # a plan left over from a step that never ran: the next step adopts it, and says so
-    attention.host_plan_decode(cfg, [7, 4], 4, backend="flashinfer")
-    hp_b = attention.host_plan_decode(cfg, [8, 5], 4, backend="flashinfer")
+    attention.host_plan_decode(cfg, [7, 4], 4, backend=torch_backend)
+    hp_b = attention.host_plan_decode(cfg, [8, 5], 4, backend=torch_backend)
     state, kv, _, _, ok = step(state, kv, q, k, hp_b)
     assert not bool(jnp.all(ok))
-    assert attention.discard_host_plans() == 1
-    hp = attention.host_plan_decode(cfg, [9, 6], 4, backend="flashinfer")
+    assert torch_backend.discard_host_plans() == 1
+    hp = attention.host_plan_decode(cfg, [9, 6], 4, backend=torch_backend)
     state, kv, outs, refs, ok = step(state, kv, q, k, hp)
     assert bool(jnp.all(ok))
     close(outs, refs)
     # at most HOST_PLAN_DEPTH plans wait
     for _ in range(ops.HOST_PLAN_DEPTH):
-        attention.host_plan_decode(cfg, [10, 7], 4, backend="flashinfer")
+        attention.host_plan_decode(cfg, [10, 7], 4, backend=torch_backend)
     with pytest.raises(RuntimeError, match="host plans"):
-        attention.host_plan_decode(cfg, [10, 7], 4, backend="flashinfer")
-    assert attention.discard_host_plans() == ops.HOST_PLAN_DEPTH
+        attention.host_plan_decode(cfg, [10, 7], 4, backend=torch_backend)
+    assert torch_backend.discard_host_plans() == ops.HOST_PLAN_DEPTH
     # a step with no plan queued fails loudly instead of reusing a stale plan
     with pytest.raises(Exception, match="none is queued"):
         jax.block_until_ready(step(state, kv, q, k, hp))
@@ -528,18 +550,18 @@ def test_host_plan_mismatch_desync_and_limits(torch_backend):
 def test_host_plan_argument_errors(torch_backend):
     cfg = make_config(num_layers=1)
     with pytest.raises(ValueError, match="seq_lens must be a 1-D integer"):
-        attention.host_plan_decode(cfg, [[1, 2]], 4, backend="flashinfer")
+        attention.host_plan_decode(cfg, [[1, 2]], 4, backend=torch_backend)
     with pytest.raises(ValueError, match="seq_lens must be a 1-D integer"):
-        attention.host_plan_decode(cfg, [1.5, 2.0], 4, backend="flashinfer")
+        attention.host_plan_decode(cfg, [1.5, 2.0], 4, backend=torch_backend)
     with pytest.raises(ValueError, match=r"seq_lens must be in \[0, max_pages_per_seq"):
-        attention.host_plan_decode(cfg, [1, 33], 4, backend="flashinfer")
+        attention.host_plan_decode(cfg, [1, 33], 4, backend=torch_backend)
     with pytest.raises(ValueError, match="seq_lens must be host data"):
         jax.jit(lambda x: attention.host_plan_decode(cfg, x, 4))(jnp.ones(2, jnp.int32))
-    hp = attention.host_plan_decode(cfg, [3, 0], 4, backend="flashinfer")
+    hp = attention.host_plan_decode(cfg, [3, 0], 4, backend=torch_backend)
     state = sj.init_state(cfg)
     state, _ = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([3, 1, 1], jnp.int32))
     packed3 = sj.pack_for_flashinfer(state, jnp.arange(3, dtype=jnp.int32))
-    with pytest.raises(ValueError, match="decode batch of 2 requests"):
+    with pytest.raises(ValueError, match="plan was made for 2 requests"):
         attention.adopt_plan(hp, packed3)
     with pytest.raises(ValueError, match="host_plan must be a HostPlan"):
         attention.adopt_plan(None, packed3)
@@ -548,5 +570,173 @@ def test_host_plan_argument_errors(torch_backend):
     with pytest.raises(ValueError, match="not a host plan"):
         jax.jit(lambda kv, hp: attention.append_kv(
             cfg, kv, jnp.zeros((2, 2, 64), kv.dtype), jnp.zeros((2, 2, 64), kv.dtype), packed,
-            plan=attention.adopt_plan(hp, packed), impl="flashinfer"))(kv, hp)
-    attention.discard_host_plans()
+            plan=attention.adopt_plan(hp, packed), impl="backend"))(kv, hp)
+    torch_backend.discard_host_plans()
+
+
+# ----------------------------------------------------------------------------------------------
+# host plans of paged prefill and batch POD steps (what a serving loop's mixed steps use)
+
+
+def _chunk_step(cfg, be, kind, ids_p, ids_d, T, hq=4):
+    """One jitted step: allocate the prefill chunk (and a decode token), pack, adopt the host
+    plan, append K/V, attend; the reference of the same batch rides along."""
+
+    def step(state, kv, new_p, q_p, k_p, q_d, k_d, hp):
+        state, ok = sj.allocate(state, ids_p, new_p)
+        packed_p = sj.pack_for_flashinfer(state, ids_p, new_p, max_tokens=T)
+        if kind == "prefill":
+            plan = attention.adopt_plan(hp, packed_p)
+            kv = attention.append_kv(cfg, kv, k_p, k_p, packed_p, layer=1, plan=plan)
+            out = attention.batch_prefill(cfg, q_p, kv, packed_p, layer=1, plan=plan)
+            ref = reference.batch_prefill(cfg, q_p, kv, packed_p, layer=1, return_lse=True)
+            return state, kv, out, ref, ok.all() & plan.ok
+        state, ok_d = sj.allocate_decoding(state, ids_d)
+        packed_d = sj.pack_for_flashinfer(state, ids_d)
+        plan = attention.adopt_plan(hp, packed_p, packed_d)
+        kv = attention.append_kv(cfg, kv, k_p, k_p, packed_p, layer=1, plan=plan)
+        kv = attention.append_kv(cfg, kv, k_d, k_d, packed_d, layer=1, plan=plan)
+        out = attention.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1, plan=plan)
+        ref = reference.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1,
+                                  return_lse=True)
+        return state, kv, out, ref, ok.all() & ok_d.all() & plan.ok
+
+    chex.clear_trace_counter()
+    return jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=(1,))
+
+
+def _host_plan(cfg, be, kind, lens, new, lens_d, T, **kw):
+    opts = O(return_lse=True, **kw)
+    if kind == "prefill":
+        return attention.host_plan_prefill(cfg, lens, new, 4, max_tokens=T, options=opts,
+                                           backend=be)
+    return attention.host_plan_batch_pod(cfg, lens, new, lens_d, 4, max_tokens_p=T,
+                                         options=opts, backend=be)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "batch_pod"])
+@pytest.mark.parametrize("be_name", ["bridge", "reference"])
+def test_host_plans_of_chunked_prefill_steps(torch_backend, kind, be_name):
+    """Chunked prefill over 9 steps (more than the ring) with a padding request in the middle and
+    requests that finish their prompt early; batch POD adds a decode batch. Each step adopts its
+    own host plan (ok), matches the reference and compiles once; a wrong plan is flagged.
+    test_flashinfer_gpu.py runs it with FlashInfer's kernels (`torch_backend` is then theirs)."""
+    be = torch_backend if be_name == "bridge" else sj.ReferenceBackend()
+    cfg = make_config(num_layers=2)
+    T = 8
+    ids_p = jnp.asarray([0, -1, 1, 2], jnp.int32)
+    ids_d = jnp.asarray([3, 4], jnp.int32)
+    state = sj.init_state(cfg)
+    state, ok = sj.allocate(state, ids_d, jnp.asarray([5, 2], jnp.int32))
+    assert bool(ok.all())
+    prompt = np.asarray([13, 0, 4, 9])
+    lens, lens_d = np.zeros(4, np.int64), np.asarray([5, 2])
+    rng = np.random.default_rng(30)
+    kv = rand(rng, cfg.kv_shape)
+    step = _chunk_step(cfg, be, kind, ids_p, ids_d, T)
+    for it in range(9):
+        new = np.minimum(prompt - lens, np.asarray([3, 0, 2, 3]))
+        lens = lens + new
+        lens_d = lens_d + 1
+        host_lens = np.where(np.asarray(ids_p) >= 0, lens, 0)
+        hp = _host_plan(cfg, be, kind, host_lens, new, lens_d, T)
+        q_p, k_p = rand(rng, (T, 4, 64)), rand(rng, (T, 2, 64))
+        q_d, k_d = rand(rng, (2, 4, 64)), rand(rng, (2, 2, 64))
+        state, kv, out, ref, ok = step(state, kv, jnp.asarray(new, jnp.int32), q_p, k_p, q_d,
+                                       k_d, hp)
+        assert bool(ok), f"step {it}"
+        if kind == "prefill":
+            close(out[0], ref[0])
+            close_lse(out[1], ref[1])
+        else:
+            close(out[0], ref[0])
+            for a, b in zip(out[1], ref[1]):
+                close_lse(a, b)
+    # a plan made for other lengths is flagged
+    new = np.asarray([0, 0, 1, 0])
+    hp = _host_plan(cfg, be, kind, np.where(np.asarray(ids_p) >= 0, lens + 5, 0), new,
+                    lens_d + 1, T)
+    *_, ok = step(state, kv, jnp.asarray(new, jnp.int32), q_p, k_p, q_d, k_d, hp)
+    assert not bool(ok)
+    assert be.discard_host_plans() == 0
+
+
+def test_host_plan_layout_errors():
+    cfg = make_config(num_layers=1)
+    with pytest.raises(ValueError, match="exceeds max_tokens"):
+        attention.host_plan_prefill(cfg, [6, 4], [5, 4], 4, max_tokens=8, backend="reference")
+    with pytest.raises(ValueError, match="new_lens must be integers"):
+        attention.host_plan_prefill(cfg, [6, 4], [5], 4, max_tokens=8, backend="reference")
+    with pytest.raises(ValueError, match="max_tokens must be a positive"):
+        attention.host_plan_batch_pod(cfg, [6], [5], [3], 4, max_tokens_p=0,
+                                      backend="reference")
+    hp = attention.host_plan_prefill(cfg, [6, 4], [5, 3], 4, max_tokens=8, backend="reference")
+    np.testing.assert_array_equal(hp.expected, [0, 2, 3, 2, 4, 0, 5, 8])
+
+
+def test_a_jitted_step_keys_on_the_backend_object():
+    """Two backends (here two transports' worth of objects) never share a trace: the backend
+    object is in the plan's static metadata."""
+    cfg = make_config(num_layers=1)
+    rng = np.random.default_rng(31)
+    packed, pages = make_packed(rng, cfg, [5, 7])
+    kv = make_pool(rng, cfg, pages, [5, 7])
+    q = rand(rng, (2, 4, 64))
+    a, b = bridge.FlashInferBackend(provider="torch"), bridge.FlashInferBackend(provider="torch",
+                                                                               transport="callback")
+    step = jax.jit(lambda hp, q, kv, p: attention.batch_decode(cfg, q, kv, p,
+                                                               plan=attention.adopt_plan(hp, p)))
+    for be in (a, b, a):
+        step(attention.host_plan_decode(cfg, [5, 7], 4, backend=be), q, kv, packed)
+    assert step._cache_size() == 2
+    assert a.slots.num_plans() == 2 and b.slots.num_plans() == 1
+    with pytest.raises(ValueError, match="transport must be one of"):
+        bridge.FlashInferBackend(provider="torch", transport="xla")
+    with pytest.raises(ValueError, match="transport='ffi' needs FlashInfer's kernels"):
+        bridge.FlashInferBackend(provider="torch", transport="ffi")
+
+
+def test_bridge_import_without_torch_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    from seqattn_jax import bridge\nexcept ImportError as e:\n"
+            "    assert \"pip install 'seqattn-jax[flashinfer]'\" in str(e), e\n"
+            "else:\n    raise SystemExit('imported')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+
+
+class _Fake:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_ffi_program_is_the_flashinfer_argument_list():
+    """The FFI transport compiles the same argument list the callback transport calls
+    (`fi_provider.run_args`): check the shim program against the list written out by hand."""
+    fp = fi_provider
+    st = _Fake(float_ws=torch.zeros(8, dtype=torch.uint8), layout=1, pdl=True,
+               alibi=torch.zeros(4), arange_qo=torch.arange(3, dtype=torch.int32))
+    rp = ops.RunParams(sm_scale=0.5, rope_scale=2.0, rope_theta=1e4, return_lse=True)
+    key = ops.PlanKey(kind="decode", batch_size=2, num_rows=2, num_qo_heads=4, num_kv_heads=2,
+                      head_dim=64, page_size=4, kv_layout="HND", q_dtype="float16",
+                      kv_dtype="float16", window_left=7, logits_soft_cap=3.0,
+                      decode_kernel="cuda_core", ffi=True)
+    slot = _Fake(key=key, state=st, id=42)
+    names = ("q", "kv", "indptr", "indices", "lpl", "token")
+    inputs = {getattr(fp, n.upper()): i for i, n in enumerate(names) if n not in ("kv", "token")}
+    got = ffi.program(slot, fp.run_args(slot, rp), inputs, 6, 2, (10, 5), kv_input=1)
+    want = (ffi.Program(6, 2).raw(st.float_ws, ffi.RAW_U8).plan_ws(42).plan(42).inp(0)
+            .kv_pages("k", 1, 10, 5).kv_pages("v", 1, 10, 5).inp(2).inp(3).inp(4).out(0).out(1)
+            .int_(1).int_(7).bool_(True).raw(st.alibi, ffi.RAW_F32).float_(3.0).float_(0.5)
+            .float_(0.5).float_(1e-4))
+    for k in ("prog", "iconst", "fconst"):
+        np.testing.assert_array_equal(got.attrs(3)[k], want.attrs(3)[k])
+    # tensor-core decode: FlashInfer's paged prefill run with one query per request
+    slot.key = dataclasses.replace(key, decode_kernel="tensor_core")
+    got = ffi.program(slot, fp.run_args(slot, rp), inputs, 6, 1, None, kv_input=1)
+    want = (ffi.Program(6, 1).raw(st.float_ws, ffi.RAW_U8).plan_ws(42).plan(42).inp(0)
+            .kv_pages("k", 1, 0, -1).kv_pages("v", 1, 0, -1).raw(st.arange_qo, ffi.RAW_I32)
+            .inp(2).inp(3).inp(4).out(0).none().int_(0).int_(1).int_(7).bool_(True).none()
+            .none().raw(st.alibi, ffi.RAW_F32).none().none().none().none().none().float_(3.0)
+            .float_(0.5).float_(0.5).float_(1e-4).int_(0))
+    for k in ("prog", "iconst", "fconst"):
+        np.testing.assert_array_equal(got.attrs(3)[k], want.attrs(3)[k])

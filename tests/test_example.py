@@ -106,11 +106,10 @@ def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode, monkey
     buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels stand in
     for FlashInfer's CUDA ones, as in tests/test_bridge_cpu.py."""
     pytest.importorskip("torch")
-    from seqattn_jax import attention
-    if not hasattr(attention, "_PROVIDER"):
-        pytest.skip("seqattn_jax.attention has no torch provider switch")
-    monkeypatch.setattr(attention, "_PROVIDER", "torch")
-    monkeypatch.setattr(attention, "flashinfer_available", lambda: True)
+    from seqattn_jax import backend, bridge
+    # the process's default FlashInfer backend ("auto" on a GPU) is one with the torch kernels
+    monkeypatch.setattr(backend, "flashinfer_available", lambda: True)
+    monkeypatch.setitem(backend._DEFAULTS, "flashinfer", bridge.FlashInferBackend(provider="torch"))
     argv = [a for a in SMALL if a not in ("--backend", "reference")]
     argv[argv.index("--head-dim") + 1] = "64"  # a FlashInfer head_dim
     s = decode.run(argv + ["--backend", "auto"])

@@ -19,26 +19,31 @@ import numpy as np
 import pytest
 
 from seqattn_jax import attention, reference
+from seqattn_jax.backend import flashinfer_available
+from seqattn_jax.options import AttentionOptions as O
 
 pytestmark = pytest.mark.gpu
 
-if not attention.flashinfer_available():
+if not flashinfer_available():
     pytest.skip("needs JAX on a CUDA GPU with torch (CUDA) and flashinfer", allow_module_level=True)
 
 try:  # tests/ is on sys.path under pytest's rootdir insertion
+    import test_bridge_cpu as cpu_tests
     from test_bridge_cpu import close, close_lse, make_packed, make_pool, rand
 except ImportError:  # pragma: no cover - imported as the `tests` package
+    import tests.test_bridge_cpu as cpu_tests
     from tests.test_bridge_cpu import close, close_lse, make_packed, make_pool, rand
 
 import seqattn_jax as sj  # noqa: E402
+from seqattn_jax.bridge import FlashInferBackend, ffi  # noqa: E402
 from seqattn_jax.config import CacheConfig  # noqa: E402
 
 HQ, HKV, D, PS = 16, 4, 128, 16
-BRIDGES = ["callback"] + (["ffi"] if attention.bridge_module("ffi").available() else [])
+TRANSPORTS = ["callback"] + (["ffi"] if ffi.available() else [])
+_BACKENDS: dict[str, FlashInferBackend] = {}   # one per transport: each owns its workspaces
 
 
 def test_ffi_bridge_builds():
-    ffi = attention.bridge_module("ffi")
     if not ffi.available():
         pytest.skip(f"XLA FFI bridge unavailable: {ffi.unavailable_reason()}")
 
@@ -49,10 +54,14 @@ def cfg_(layout="NHD", dtype="float16", hkv=HKV, num_layers=2, num_pages=96, max
                        dtype=dtype, kv_layout=layout)
 
 
-@pytest.fixture(params=BRIDGES)
-def bridge(request, monkeypatch):
-    monkeypatch.setattr(attention, "BRIDGE", request.param)
-    return request.param
+@pytest.fixture(params=TRANSPORTS)
+def bridge(request):
+    """A FlashInfer backend of each transport (callback, ffi where it builds)."""
+    be = _BACKENDS.get(request.param)
+    if be is None:
+        be = _BACKENDS[request.param] = FlashInferBackend(transport=request.param)
+    yield be
+    assert be.discard_host_plans() == 0, "a test left host plans behind"
 
 
 def decode_case(seed, cfg, lens=(37, 0, 100, 1, 161, 16, 17, 0), hq=HQ, qdt=None):
@@ -75,10 +84,10 @@ def tol_for(dtype):
     return 3e-2 if dtype == "bfloat16" else 1e-2
 
 
-def check_decode(cfg, q, kv, packed, *, kernel, layer=1, **opts):
+def check_decode(cfg, q, kv, packed, *, kernel, layer=1, backend="flashinfer", **opts):
     f = jax.jit(lambda q, kv, p: attention.batch_decode(
-        cfg, q, kv, p, layer=layer, return_lse=True, backend="flashinfer", decode_kernel=kernel,
-        **opts))
+        cfg, q, kv, p, layer=layer, options=O(return_lse=True, decode_kernel=kernel, **opts),
+        backend=backend))
     out, lse = f(q, kv, packed)
     ref, ref_lse = reference.batch_decode(cfg, q, kv, packed, layer=layer, return_lse=True, **opts)
     assert np.isfinite(np.asarray(out, np.float32)).all(), "NaN from a poisoned page"
@@ -95,7 +104,7 @@ def check_decode(cfg, q, kv, packed, *, kernel, layer=1, **opts):
 @pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
 def test_decode(bridge, kernel, layout, dtype):
     cfg = cfg_(layout, dtype)
-    check_decode(cfg, *decode_case(0, cfg), kernel=kernel)
+    check_decode(cfg, *decode_case(0, cfg), kernel=kernel, backend=bridge)
 
 
 @pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
@@ -108,7 +117,7 @@ def test_decode(bridge, kernel, layout, dtype):
 ], ids=["softcap", "window", "rope", "alibi", "sm_scale"])
 def test_decode_options(bridge, kernel, opts):
     cfg = cfg_()
-    check_decode(cfg, *decode_case(1, cfg), kernel=kernel, **opts)
+    check_decode(cfg, *decode_case(1, cfg), kernel=kernel, backend=bridge, **opts)
 
 
 @pytest.mark.parametrize("hq,hkv,kernel", [(4, 4, "cuda_core"), (32, 4, "cuda_core"),
@@ -123,7 +132,7 @@ def test_decode_fp8_pool(kernel):
     cfg = cfg_(dtype="float8_e4m3fn")
     q, kv, packed = decode_case(3, cfg, qdt="float16")
     f = jax.jit(lambda q, kv, p: attention.batch_decode(
-        cfg, q, kv, p, layer=1, backend="flashinfer", decode_kernel=kernel))
+        cfg, q, kv, p, layer=1, backend="flashinfer", options=O(decode_kernel=kernel)))
     out = f(q, kv, packed)
     ref = reference.batch_decode(cfg, q, kv, packed, layer=1)
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -136,7 +145,7 @@ def test_decode_auto_backend_and_kernel():
     out = jax.jit(lambda q, kv, p: attention.batch_decode(cfg, q, kv, p, layer=1))(q, kv, packed)
     close(out, reference.batch_decode(cfg, q, kv, packed, layer=1))
     plan = attention.plan_decode(cfg, packed, HQ)
-    assert plan.backend == "flashinfer" and plan.meta.key.decode_kernel == "tensor_core"
+    assert plan.backend.name == "flashinfer" and plan.meta.key.decode_kernel == "tensor_core"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +158,8 @@ def test_prefill(bridge, causal, layout):
     cfg = cfg_(layout)
     q, kv, packed = prefill_case(5, cfg)
     out, lse = jax.jit(lambda q, kv, p: attention.batch_prefill(
-        cfg, q, kv, p, layer=1, causal=causal, return_lse=True, backend="flashinfer"))(q, kv, packed)
+        cfg, q, kv, p, layer=1, options=O(causal=causal, return_lse=True),
+        backend=bridge))(q, kv, packed)
     ref, ref_lse = reference.batch_prefill(cfg, q, kv, packed, layer=1, causal=causal,
                                            return_lse=True)
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -169,7 +179,7 @@ def test_prefill_options(opts):
     cfg = cfg_()
     q, kv, packed = prefill_case(6, cfg)
     out = jax.jit(lambda q, kv, p: attention.batch_prefill(
-        cfg, q, kv, p, layer=0, backend="flashinfer", **opts))(q, kv, packed)
+        cfg, q, kv, p, layer=0, backend="flashinfer", options=O(**opts)))(q, kv, packed)
     ref = reference.batch_prefill(cfg, q, kv, packed, layer=0, **opts)
     assert np.isfinite(np.asarray(out, np.float32)).all()
     close(out, ref)
@@ -194,8 +204,8 @@ def test_pod(return_lse):
     rng = np.random.default_rng(9)
     q_p = rand(rng, (40, HQ, D))
     k_p, v_p = rand(rng, (64, HKV, D)), rand(rng, (64, HKV, D))
-    f = jax.jit(lambda *a: attention.pod(cfg, *a, layer=1, causal_p=True, return_lse=return_lse,
-                                         backend="flashinfer"))
+    f = jax.jit(lambda *a: attention.pod(cfg, *a, layer=1, backend="flashinfer",
+                                         options=O(causal=True, return_lse=return_lse)))
     got = f(q_p, k_p, v_p, q_d, kv, packed)
     want = reference.pod(cfg, q_p, k_p, v_p, q_d, kv, packed, layer=1, causal_p=True,
                          return_lse=return_lse)
@@ -218,12 +228,12 @@ def test_pod_back_to_back():
 
     def chain(pod_fn, q_p, q_d):
         for _ in range(4):
-            q_p, q_d = pod_fn(q_p, k_p, v_p, q_d, kv, packed, layer=1, causal_p=True)
+            q_p, q_d = pod_fn(q_p, k_p, v_p, q_d, kv, packed)
         return q_p, q_d
 
-    got = jax.jit(lambda a, b: chain(lambda *x, **kw: attention.pod(cfg, *x, backend="flashinfer",
-                                                                    **kw), a, b))(q_p, q_d)
-    want = chain(lambda *x, **kw: reference.pod(cfg, *x, **kw), q_p, q_d)
+    got = jax.jit(lambda a, b: chain(lambda *x: attention.pod(
+        cfg, *x, layer=1, options=O(causal=True), backend="flashinfer"), a, b))(q_p, q_d)
+    want = chain(lambda *x: reference.pod(cfg, *x, layer=1, causal_p=True), q_p, q_d)
     close(got, want, 3e-2)
 
 
@@ -237,8 +247,8 @@ def test_batch_pod(causal_p):
     kv = rand(rng, cfg.kv_shape)
     packed_d, _ = make_packed(rng, cfg, [37, 0, 50, 1])
     q_d = rand(rng, (4, HQ, D))
-    got = jax.jit(lambda *a: attention.batch_pod(cfg, *a, layer=1, causal_p=causal_p,
-                                                 return_lse=True, backend="flashinfer"))(
+    got = jax.jit(lambda *a: attention.batch_pod(cfg, *a, layer=1, backend="flashinfer",
+                                                 options=O(causal=causal_p, return_lse=True)))(
         q_p, packed_p, q_d, packed_d, kv)
     want = reference.batch_pod(cfg, q_p, packed_p, q_d, packed_d, kv, layer=1, causal_p=causal_p,
                                return_lse=True)
@@ -252,7 +262,7 @@ def test_pod_rejects_soft_cap():
     q_d, kv, packed = decode_case(12, cfg)
     with pytest.raises(ValueError, match="soft cap"):
         attention.pod(cfg, q_d, q_d[:, :HKV], q_d[:, :HKV], q_d, kv, packed,
-                      logits_soft_cap=10.0, backend="flashinfer")
+                      options=O(logits_soft_cap=10.0), backend="flashinfer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +270,7 @@ def test_pod_rejects_soft_cap():
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("impl", ["flashinfer", "scatter"])
+@pytest.mark.parametrize("impl", ["backend", "scatter"])
 def test_append_in_place(layout, impl):
     cfg = cfg_(layout)
     rng = np.random.default_rng(13)
@@ -288,7 +298,7 @@ def test_append_in_place(layout, impl):
     np.testing.assert_array_equal(np.asarray(stacked, np.float32), np.asarray(want, np.float32))
 
 
-def _decode_step(cfg, use_scan, backend, append_impl="auto", planning="device",
+def _decode_step(cfg, use_scan, backend, append_impl="scatter", planning="device",
                  decode_kernel="auto"):
     """allocate_decoding -> pack -> plan -> per layer (append_kv + batch_decode), one jit.
     planning "device": plan_decode inside the step; "host": adopt the step's HostPlan (`hp`)."""
@@ -301,11 +311,11 @@ def _decode_step(cfg, use_scan, backend, append_impl="auto", planning="device",
             ok = ok & plan.ok
         else:
             plan = attention.plan_decode(cfg, packed, HQ, backend=backend,
-                                         decode_kernel=decode_kernel)
+                                         options=O(decode_kernel=decode_kernel))
 
         def layer_fn(kv, layer):
             kv = attention.append_kv(cfg, kv, k[layer], v[layer], packed, layer=layer, plan=plan,
-                                     impl=append_impl if backend != "reference" else "auto")
+                                     impl=append_impl if backend != "reference" else "scatter")
             out = attention.batch_decode(cfg, q[layer], kv, packed, layer=layer, plan=plan)
             return kv, out
 
@@ -323,7 +333,7 @@ def _decode_step(cfg, use_scan, backend, append_impl="auto", planning="device",
 
 
 @pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("append_impl", ["scatter", "flashinfer"])
+@pytest.mark.parametrize("append_impl", ["scatter", "backend"])
 def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     cfg = cfg_(num_layers=3, num_pages=128)
     rng = np.random.default_rng(14)
@@ -333,7 +343,7 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     assert bool(ok.all())
     kv = rand(rng, cfg.kv_shape)
     seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
-    step = _decode_step(cfg, use_scan, "flashinfer", append_impl)
+    step = _decode_step(cfg, use_scan, bridge, append_impl)
     ref_step = _decode_step(cfg, use_scan, "reference")
     ref_state, ref_kv = state, kv + 0
     for it in range(3):
@@ -364,13 +374,13 @@ def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
     kv = rand(rng, cfg.kv_shape)
     seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
     host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
-    step = _decode_step(cfg, use_scan, "flashinfer", "scatter", planning="host")
+    step = _decode_step(cfg, use_scan, bridge, "scatter", planning="host")
     ref_step = _decode_step(cfg, use_scan, "reference")
     ref_state, ref_kv = state, kv + 0
     for it in range(12):
         host_lens = np.where(host_lens > 0, host_lens + 1, 0)
-        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend="flashinfer",
-                                        decode_kernel=kernel)
+        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=bridge,
+                                        options=O(decode_kernel=kernel))
         q = rand(rng, (cfg.num_layers, 6, HQ, D))
         k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
         ptr = kv.unsafe_buffer_pointer()
@@ -390,27 +400,35 @@ def test_host_plan_mismatch_is_flagged_and_the_queue_recovers(bridge):
     ids = jnp.arange(3, dtype=jnp.int32)
     state, _ = sj.allocate(state, ids, jnp.asarray([40, 9, 77], jnp.int32))
     kv = rand(rng, cfg.kv_shape)
-    step = _decode_step(cfg, False, "flashinfer", "scatter", planning="host")
+    step = _decode_step(cfg, False, bridge, "scatter", planning="host")
     ref_step = _decode_step(cfg, False, "reference")
     q = rand(rng, (cfg.num_layers, 3, HQ, D))
     k = rand(rng, (cfg.num_layers, 3, HKV, D))
     lens = np.asarray([41, 10, 78])
     # wrong lengths: flagged (the pool is still written correctly: append uses the device batch)
-    hp = attention.host_plan_decode(cfg, lens + 20, HQ, backend="flashinfer")
+    hp = attention.host_plan_decode(cfg, lens + 20, HQ, backend=bridge)
     state2, kv2, _, ok = step(state, kv + 0, ids, q, k, k, hp)
     ref_state, ref_kv, _, _ = ref_step(state, kv + 0, ids, q, k, k)
     assert not bool(ok.all())
     np.testing.assert_array_equal(np.asarray(kv2, np.float32), np.asarray(ref_kv, np.float32))
     # a plan left over from a step that never ran: the next step adopts it and says so
-    hp_a = attention.host_plan_decode(cfg, lens + 7, HQ, backend="flashinfer")
-    hp_b = attention.host_plan_decode(cfg, lens + 1, HQ, backend="flashinfer")
+    hp_a = attention.host_plan_decode(cfg, lens + 7, HQ, backend=bridge)
+    hp_b = attention.host_plan_decode(cfg, lens + 1, HQ, backend=bridge)
     state3, kv3, _, ok = step(state2, kv2, ids, q, k, k, hp_b)
     assert not bool(ok.all())
-    assert attention.discard_host_plans() == 1
+    assert bridge.discard_host_plans() == 1
     del hp_a
-    hp = attention.host_plan_decode(cfg, lens + 2, HQ, backend="flashinfer")
+    hp = attention.host_plan_decode(cfg, lens + 2, HQ, backend=bridge)
     _, _, outs, ok = step(state3, kv3, ids, q, k, k, hp)
     assert bool(ok.all())
     r_state, r_kv, _, _ = ref_step(ref_state, ref_kv, ids, q, k, k)
     _, _, ref_outs, _ = ref_step(r_state, r_kv, ids, q, k, k)
     close(outs, ref_outs)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "batch_pod"])
+def test_host_plans_of_chunked_prefill_steps(bridge, kind):
+    """The CPU test of prefill and batch-POD host plans (tests/test_bridge_cpu.py), on
+    FlashInfer's kernels: chunked prefill steps (and a decode batch) adopting host plans over more
+    steps than the ring holds, against the reference."""
+    cpu_tests.test_host_plans_of_chunked_prefill_steps(bridge, kind, "bridge")

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from jax.experimental import checkify
 
 import seqattn_jax as sj
-from seqattn_jax import attention, checked, reference
+from seqattn_jax import attention, checked, host_layout, reference
 
 CFG = sj.CacheConfig(num_pages=96, page_size=4, num_kv_heads=2, head_dim=16, max_seqs=6,
                      max_pages_per_seq=12, num_layers=1, dtype="float32")
@@ -35,7 +35,7 @@ def test_layout_from_lens_is_what_pack_gives(lens, rnd):
     seq_ids = np.asarray([i if lens[i] > 0 else -1 for i in order], np.int32)
     host_lens = np.asarray([lens[i] for i in order])
     packed = sj.pack_for_flashinfer(state, jnp.asarray(seq_ids))
-    indptr, lpl = attention.decode_layout_from_lens(CFG, host_lens)
+    indptr, lpl = host_layout.decode_layout_from_lens(CFG, host_lens)
     np.testing.assert_array_equal(indptr, np.asarray(packed.kv_page_indptr))
     np.testing.assert_array_equal(lpl, np.asarray(packed.kv_last_page_len))
 
@@ -56,7 +56,7 @@ def test_reference_backend_adopts_host_plans_and_checks_them():
     seq_ids = jnp.asarray([0, 1, -1, 2], jnp.int32)
     step = jax.jit(lambda hp, *a: (lambda s, o, r, p: (s, o, r, p.ok))(*_step(hp, *a)))
     hp = attention.host_plan_decode(CFG, [6, 10, 0, 3], 4, backend="reference")
-    assert hp.meta.backend == "reference" and hp.batch_size == 4
+    assert hp.meta.backend.name == "reference" and hp.batch_size == 4
     _, out, ref, ok = step(hp, state, kv, q, seq_ids)
     assert bool(ok)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref))
