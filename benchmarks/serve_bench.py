@@ -119,7 +119,6 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
     lens = np.zeros((eng.B,), np.int32)
     lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
     inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
-    opts = eng.model.attention_options()
     kv, state, last = eng.kv, eng.state, eng.last_tok
     bound = []
     for _ in range(3):
@@ -127,8 +126,8 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
         t0 = time.perf_counter()
         for _ in range(n_steps // 3):
             lens[:len(slots)] += 1
-            hp = attention.host_plan_decode(eng.cache, lens, cfg.num_heads, q_dtype=eng.cache.jnp_dtype,
-                                            backend=eng.backend, **opts)
+            hp = attention.host_plan_decode(eng.cache, lens, cfg.num_heads, options=eng.options,
+                                            q_dtype=eng.cache.jnp_dtype, backend=eng.backend)
             kv, state, last, toks, flags = fn(params, kv, state, last, inp, hp)
         jax.block_until_ready(last)
         bound.append((time.perf_counter() - t0) / (n_steps // 3))

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
-from seqattn_jax import attention  # noqa: E402
+from seqattn_jax.backend import resolve_backend  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 
@@ -295,13 +295,15 @@ def _pointer(x):
         return None
 
 
-def run(argv=None, *, progress: bool | None = None) -> Summary:
-    """Parse `argv`, serve the requests, check against the dense model; returns the `Summary`."""
+def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
+    """Parse `argv`, serve the requests, check against the dense model; returns the `Summary`.
+    `backend`: a backend object overriding --backend (tests pass FlashInfer's bridge with its
+    torch CPU kernels)."""
     parser = build_parser()
     a = parser.parse_args(argv)
     _check_args(parser, a)
     try:
-        resolved = attention.resolve_backend(a.backend)
+        resolved = resolve_backend(a.backend) if backend is None else backend.name
     except RuntimeError as e:
         parser.error(str(e))
     dtype = a.dtype if a.dtype != "auto" else ("float32" if resolved == "reference" else "float16")
@@ -324,9 +326,9 @@ def run(argv=None, *, progress: bool | None = None) -> Summary:
     model = LlamaModel(mcfg)
     params = init_params(mcfg, a.seed)
     ecfg = EngineConfig(chunk=a.chunk, prefix_cache=not a.no_prefix_cache, mixed_steps=not a.no_mixed,
-                        async_steps=not a.sync, backend=a.backend)
+                        async_steps=not a.sync, backend=a.backend if backend is None else backend)
     engine = Engine(model, params, cache, ecfg)
-    backend = engine.backend
+    backend = engine.backend.name
 
     n0 = len(_COMPILES)
     compile_s = engine.warmup()

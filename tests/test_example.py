@@ -29,25 +29,20 @@ def decode():
     return mod
 
 
-def _check_summary(s, argv):
+def _check_summary(s, exact=True):
     c = s.cache
-    # Paged == dense: every greedy token identical in float32.
-    assert s.check is not None and s.check.passed
-    assert s.check.exact == s.check.tokens == s.generated_tokens
-    assert s.check.max_logit_err < 1e-3
-    # Every request finished with exactly its number of tokens; lengths match the config.
-    assert all(r.done and len(r.out) == r.max_new and r.finished_at >= r.admitted_at >= 0
-               for r in s.requests)
-    assert s.generated_tokens == sum(r.max_new for r in s.requests)
+    assert s.check is not None and s.check.passed, s.check
+    if exact:   # float32: every greedy token identical
+        assert s.check.exact == s.check.tokens == s.generated_tokens
+    # Every request finished with exactly its number of tokens.
+    assert all(r.done and len(r.out) == r.max_new for r in s.requests)
     st = s.stats
-    assert st.first_tokens == len(s.requests)  # each prompt's last prefill row gave one token
-    assert st.decode_tokens + st.first_tokens == s.generated_tokens
-    assert st.prefill_tokens + st.tokens_reused == s.prompt_tokens
-    assert 0 < st.peak_active <= c.max_seqs
-    assert st.peak_held <= st.peak_in_use <= c.num_pages
-    assert st.peak_held < s.padded_dense_pages
+    assert st.generated_tokens == s.generated_tokens == sum(r.max_new for r in s.requests)
+    assert st.prefill_tokens + st.reused_tokens == s.prompt_tokens
+    assert 0 < st.peak_running <= c.max_seqs
+    assert st.peak_pages_in_use <= c.num_pages
     # Every page is free at the end (requests released, prefix cache emptied).
-    assert s.free_pages_at_end == c.num_pages
+    assert s.pages_in_use_at_end == 0
     # Fixed shapes: each step traced once, nothing compiled while serving; the pool never moved.
     assert s.traces and all(n == 1 for n in s.traces.values()), s.traces
     assert s.compiles_serving == []
@@ -56,35 +51,31 @@ def _check_summary(s, argv):
 
 def test_example_small_with_prefix_cache(decode):
     s = decode.run(SMALL)
-    _check_summary(s, SMALL)
-    assert s.traces == {"prefill_step": 1, "decode_step": 1}
+    _check_summary(s)
+    assert s.stats.steps["mixed"] > 0       # prefill chunks ran beside decode batches
     pcs = s.prefix_cache
     assert pcs is not None and pcs.requests == len(s.requests)
-    assert pcs.hits > 0 and pcs.cached_tokens == s.stats.tokens_reused > 0
+    assert pcs.hits > 0 and pcs.cached_tokens == s.stats.reused_tokens > 0
     assert pcs.cached_tokens % s.cache.page_size == 0
-    # Requests sharing the prefix got at least the prefix's full pages.
-    reused = [r.reused for r in s.requests if r.reused]
-    assert min(reused) >= 20 // 8 * 8
     # The table renders (rich) with the numbers in it.
     from rich.console import Console
     console = Console(record=True, width=120)
     decode.report(s, console=console)
     text = console.export_text()
-    for word in ("paged = dense", "PASS", "prefix cache", "KV pages", "tok/s"):
+    for word in ("paged = dense", "PASS", "prefix cache", "KV pages", "tok/s", "mixed"):
         assert word in text
 
 
-def test_example_small_without_prefix_cache_and_exit_codes(decode, monkeypatch):
-    argv = SMALL + ["--no-prefix-cache", "--seed", "1"]
+def test_example_modes_without_prefix_cache_and_exit_codes(decode, monkeypatch):
+    argv = SMALL + ["--no-prefix-cache", "--seed", "1", "--no-mixed", "--sync"]
     s = decode.run(argv)
-    _check_summary(s, argv)
-    assert s.prefix_cache is None and s.stats.tokens_reused == 0
-    assert s.traces == {"prefill_step": 1, "decode_step": 1, "allocate": 1, "release": 1}
+    _check_summary(s)
+    assert s.prefix_cache is None and s.stats.reused_tokens == 0
+    assert s.stats.steps["mixed"] == 0 and s.stats.syncs == 0
     # main() exits 0 when the check passes, 1 when it fails.
     monkeypatch.setattr(decode, "run", lambda argv: s)
     assert decode.main(argv) == 0
-    bad = decode.CheckResult(tokens=10, exact=9, near_ties=0, failures=1, tol=1e-3, max_logit_err=0.5,
-                             worst_margin=0.5)
+    bad = decode.CheckResult(tokens=10, exact=9, near_ties=0, failures=1, tol=1e-3, worst_margin=0.5)
     monkeypatch.setattr(decode, "run", lambda argv: decode.dataclasses.replace(s, check=bad))
     assert decode.main(argv) == 1
 
@@ -94,34 +85,24 @@ def test_script_help_and_bad_options():
                          timeout=120, cwd="/")
     assert res.returncode == 0, res.stderr
     for opt in ("--requests", "--batch", "--chunk", "--page-size", "--num-pages", "--backend", "--dtype",
-                "--prefix-len", "--no-prefix-cache", "--no-check", "--tol", "--quiet"):
+                "--prefix-len", "--no-prefix-cache", "--no-mixed", "--sync", "--no-check", "--tol",
+                "--quiet"):
         assert opt in res.stdout
     res = subprocess.run([sys.executable, str(SCRIPT), "--heads", "3", "--kv-heads", "2"],
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert res.returncode == 2 and "--heads" in res.stderr
 
 
-def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode, monkeypatch):
-    """The `--backend auto|flashinfer` code path (plans once per step shared by the layer scan,
-    buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels stand in
-    for FlashInfer's CUDA ones, as in tests/test_bridge_cpu.py."""
-    pytest.importorskip("torch")
-    from seqattn_jax import backend, bridge
-    # the process's default FlashInfer backend ("auto" on a GPU) is one with the torch kernels
-    monkeypatch.setattr(backend, "flashinfer_available", lambda: True)
-    monkeypatch.setitem(backend._DEFAULTS, "flashinfer", bridge.FlashInferBackend(provider="torch"))
+def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode):
+    """The FlashInfer backend's code path (host plans for prefill, decode and batch POD adopted in
+    the step, buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels
+    stand in for FlashInfer's CUDA ones, as in tests/test_bridge_cpu.py."""
+    pytest.importorskip("torch", reason="the bridge's CPU mechanics need torch (pip install torch)")
+    from seqattn_jax import bridge
+    be = bridge.FlashInferBackend(provider="torch")
     argv = [a for a in SMALL if a not in ("--backend", "reference")]
     argv[argv.index("--head-dim") + 1] = "64"  # a FlashInfer head_dim
-    s = decode.run(argv + ["--backend", "auto"])
+    s = decode.run(argv + ["--dtype", "float16"], backend=be)
     assert s.backend == "flashinfer" and s.dtype == "float16"
-    _check_summary_fp16(s)
-
-
-def _check_summary_fp16(s):
-    assert s.check is not None and s.check.passed, s.check
-    assert s.check.failures == 0 and s.check.max_logit_err < 0.05
-    assert all(r.done for r in s.requests)
-    assert s.free_pages_at_end == s.cache.num_pages
-    assert s.traces == {"prefill_step": 1, "decode_step": 1}
-    assert s.compiles_serving == []
-    assert s.kv_in_place
+    _check_summary(s, exact=False)
+    assert s.stats.steps["mixed"] > 0

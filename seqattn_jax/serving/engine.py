@@ -45,12 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqattn_jax import attention
+from seqattn_jax.backend import BACKENDS, default_backend
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import init_kv
 from seqattn_jax.prefix_cache import PrefixCache
 from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
-from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec
+from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec, step_options
 from seqattn_jax.state import allocate, init_state, release
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestHandle"]
@@ -69,8 +70,10 @@ class EngineConfig:
       prefix_cache: share cached prompt prefixes (`seqattn_jax.PrefixCache`).
       mixed_steps: run a prefill chunk and the decode batch as one forward (batch POD).
       async_steps: dispatch step t+1 before reading step t's tokens (the host lags one step).
-      host_plans: plan FlashInfer's decode steps on the host (no device sync per step).
-      backend: attention backend, "auto" | "reference" | "flashinfer".
+      host_plans: plan every step's attention on the host from the lengths the host knows
+        (FlashInfer: no device sync inside a step); False plans inside the step.
+      backend: attention backend: "auto" | "reference" | "flashinfer" or a backend object
+        (e.g. `seqattn_jax.bridge.FlashInferBackend(...)`).
     """
 
     chunk: int = 256
@@ -80,7 +83,7 @@ class EngineConfig:
     mixed_steps: bool = True
     async_steps: bool = True
     host_plans: bool = True
-    backend: str = "auto"
+    backend: object = "auto"
 
     def __post_init__(self):
         for name in ("chunk", "max_prefill_requests"):
@@ -96,9 +99,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.chunk_buckets must be positive ints <= chunk "
                              f"({self.chunk}), got {self.chunk_buckets!r}")
         object.__setattr__(self, "chunk_buckets", buckets)
-        if self.backend not in attention.BACKENDS:
-            raise ValueError(f"EngineConfig.backend must be one of {attention.BACKENDS}, "
-                             f"got {self.backend!r}")
+        if isinstance(self.backend, str) and self.backend not in BACKENDS:
+            raise ValueError(f"EngineConfig.backend must be one of {BACKENDS} or a backend "
+                             f"object, got {self.backend!r}")
 
 
 @dataclasses.dataclass
@@ -260,7 +263,9 @@ class Engine:
         self.model, self.params, self.cache, self.config = model, params, cache, config
         self.B = cache.max_seqs
         self.Bp = min(config.max_prefill_requests, cache.max_seqs)
-        self.backend = attention.resolve_backend(config.backend)
+        self.backend = default_backend(config.backend) if isinstance(config.backend, str) \
+            else config.backend
+        self.options = step_options(model)
         self.kv = init_kv(cache)
         self.state = init_state(cache)
         self.last_tok = jnp.zeros((cache.max_seqs,), jnp.int32)
@@ -383,8 +388,7 @@ class Engine:
                     state = init_state(cfg)
                     lens = [min(n_p, c), 2] if self.B > 1 else [min(n_p, c)]
                     state, _ = allocate(state, self._pad(list(range(len(lens)))), self._pad(lens, 0))
-                    kind = StepKind(kind_name, greedy_only=greedy,
-                                    host_plan=kind_name == "decode" and self.config.host_plans)
+                    kind = StepKind(kind_name, greedy_only=greedy, host_plan=self.config.host_plans)
                     inp = {}
                     if kind.has_prefill:
                         inp.update(p_tokens=np.zeros((c,), np.int32), p_ids=self._padp([0]),
@@ -397,11 +401,7 @@ class Engine:
                         d_lens[0] = lens[d] + 1
                     r = num_out_rows(kind, self.B, self.Bp)
                     inp.update(self._sampling_arrays([None] * r, [0] * r))
-                    hp = None
-                    if kind.host_plan:
-                        hp = attention.host_plan_decode(cfg, d_lens, self.model.num_heads,
-                                                        q_dtype=cfg.jnp_dtype, backend=self.backend,
-                                                        **self.model.attention_options())
+                    hp = self._host_plan(kind_name, inp, d_lens, c) if kind.host_plan else None
                     fn = self._step_fn(kind, c)
                     self.kv, _, last, toks, flags = fn(self.params, self.kv, state,
                                                        jnp.zeros_like(self.last_tok), inp, hp)
@@ -658,13 +658,11 @@ class Engine:
             samplers += d_samplers
             counters += d_counters
             self.stats.decode_rows += len(decode)
-        use_host_plan = kind_name == "decode" and self.config.host_plans
+        use_host_plan = self.config.host_plans
         kind = StepKind(kind_name, greedy_only=all(s is None or s.greedy for s in samplers),
                         host_plan=use_host_plan)
         if use_host_plan:
-            host_plan = attention.host_plan_decode(cfg, lens, self.model.num_heads,
-                                                   q_dtype=cfg.jnp_dtype, backend=self.backend,
-                                                   **self.model.attention_options())
+            host_plan = self._host_plan(kind_name, inp, lens if decode else None, C)
         inp.update(self._sampling_arrays(samplers, counters))
         spec = step_inputs_spec(kind, B, Bp, C)
         assert set(spec) == set(inp), (sorted(spec), sorted(inp))
@@ -674,12 +672,24 @@ class Engine:
                 self.params, self.kv, self.state, self.last_tok, inp, host_plan)
         except Exception:
             if use_host_plan:
-                attention.discard_host_plans()
+                self.backend.discard_host_plans()
             raise
         self.stats.steps[kind_name] += 1
         self._pending.append(_Pending(toks, flags, rows, kind_name))
         in_use = cfg.num_pages - self._free
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
+
+    def _host_plan(self, kind_name: str, inp: dict, d_lens, C: int):
+        """The step's attention plan, made on the host from the lengths the host scheduled."""
+        kw = dict(options=self.options, q_dtype=self.cache.jnp_dtype, backend=self.backend)
+        hq = self.model.num_heads
+        if kind_name == "decode":
+            return attention.host_plan_decode(self.cache, d_lens, hq, **kw)
+        if kind_name == "prefill":
+            return attention.host_plan_prefill(self.cache, inp["p_end"], inp["p_new"], hq,
+                                               max_tokens=C, **kw)
+        return attention.host_plan_batch_pod(self.cache, inp["p_end"], inp["p_new"], d_lens, hq,
+                                             max_tokens_p=C, **kw)
 
     def _padp(self, values, fill=-1) -> np.ndarray:
         out = np.full((self.Bp,), fill, np.int32)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from seqattn_jax import attention
 from seqattn_jax.config import CacheConfig
+from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
 from seqattn_jax.serving.sampling import sample_tokens
 from seqattn_jax.state import allocate_decoding
@@ -39,7 +40,8 @@ class StepKind:
     """Everything static about one step program (the jit cache key besides shapes).
 
     kind: "prefill" | "decode" | "mixed"; greedy_only: every row greedy (no sort / draws);
-    host_plan: the decode plan comes from a `HostPlan` argument (made on the host before dispatch).
+    host_plan: the step's attention plan comes from a `HostPlan` argument (made on the host before
+    dispatch: no device sync inside the step); else it is planned inside the step.
     """
 
     kind: str
@@ -85,31 +87,35 @@ def _write_view(packed_p: PackedBatch, packed_d: PackedBatch) -> PackedBatch:
         token_offsets=cat(packed_p.token_offsets, packed_d.token_offsets))
 
 
-def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int,
-               backend: str):
+def step_options(model) -> AttentionOptions:
+    """The model's attention options as one `AttentionOptions` (causal prefill rows)."""
+    return AttentionOptions(**{**dict(model.attention_options()), "causal": True})
+
+
+def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int, backend):
     """The pure step function of `kind` (jit it with the pool, state and last_tok donated).
 
     step(params, kv, state, last_tok, inp, host_plan) ->
         (kv, state, last_tok, tokens int32 [R], flags bool [2] = (allocation ok, plan ok))
 
-    `inp` holds the arrays of `step_inputs_spec`; `host_plan` is a `HostPlan` when
-    `kind.host_plan`, else None.
+    `inp` holds the arrays of `step_inputs_spec`; `host_plan` is the step's `HostPlan`
+    (`host_plan_decode` / `host_plan_prefill` / `host_plan_batch_pod`) when `kind.host_plan`,
+    else None. `backend` is a backend object (or name).
     """
     if kind.kind not in KINDS:
         raise ValueError(f"StepKind.kind must be one of {KINDS}, got {kind.kind!r}")
-    opts = dict(model.attention_options())
+    opts = step_options(model)
     hq, dtype = model.num_heads, cache.jnp_dtype
+    plan_kw = dict(options=opts, q_dtype=dtype, backend=backend)
 
     def step(params, kv, state, last_tok, inp, host_plan):
         packed_p = packed_d = None
         ok_alloc = jnp.asarray(True)
         if kind.has_prefill:
-            # Admission allocated every prompt page; a chunk covers positions end - new .. end - 1,
-            # so pack it as if each request ended at this chunk's end (same page table).
-            slot = jnp.where(inp["p_ids"] >= 0, inp["p_ids"], cache.max_seqs)
-            view = dataclasses.replace(
-                state, seq_lens=state.seq_lens.at[slot].set(inp["p_end"], mode="drop"))
-            packed_p = pack_for_flashinfer(view, inp["p_ids"], inp["p_new"], max_tokens=C)
+            # Admission allocated every prompt page; a chunk covers positions end - new .. end - 1
+            # (kv_lens: the length after the chunk, as the host planned it).
+            packed_p = pack_for_flashinfer(state, inp["p_ids"], inp["p_new"], max_tokens=C,
+                                           kv_lens=inp["p_end"])
         if kind.has_decode:
             d_ids = inp["d_ids"]
             state, ok = allocate_decoding(state, d_ids)
@@ -121,39 +127,32 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
 
         if kind.kind == "prefill":
             tokens, positions, write = inp["p_tokens"], packed_p.positions, packed_p
-            plan = attention.plan_prefill(cache, packed_p, hq, causal=True, q_dtype=dtype,
-                                          backend=backend, **opts)
+            plan = attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
+                attention.plan_prefill(cache, packed_p, hq, **plan_kw)
             logit_rows = jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1)
         elif kind.kind == "decode":
             tokens, positions, write = d_tokens, packed_d.positions, packed_d
-            if kind.host_plan:
-                plan = attention.adopt_plan(host_plan, packed_d)
-            else:
-                plan = attention.plan_decode(cache, packed_d, hq, q_dtype=dtype, backend=backend,
-                                             **opts)
+            plan = attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
+                attention.plan_decode(cache, packed_d, hq, **plan_kw)
             logit_rows = jnp.arange(B, dtype=jnp.int32)
         else:
             tokens = jnp.concatenate([inp["p_tokens"], d_tokens])
             positions = jnp.concatenate([packed_p.positions, packed_d.positions])
             write = _write_view(packed_p, packed_d)
-            plan = attention.plan_batch_pod(cache, packed_p, packed_d, hq, causal_p=True,
-                                            q_dtype=dtype, backend=backend, **opts)
+            plan = attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
+                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
             logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
                                           C + jnp.arange(B, dtype=jnp.int32)])
 
         def attend(q, k, v, kv, layer):
-            kv = attention.append_kv(cache, kv, k, v, write, layer=layer, backend=backend,
-                                     plan=plan, impl="scatter")
+            kv = attention.append_kv(cache, kv, k, v, write, layer=layer)
             if kind.kind == "prefill":
-                out = attention.batch_prefill(cache, q, kv, packed_p, layer=layer, causal=True,
-                                              backend=backend, plan=plan, **opts)
+                out = attention.batch_prefill(cache, q, kv, packed_p, plan=plan, layer=layer)
             elif kind.kind == "decode":
-                out = attention.batch_decode(cache, q, kv, packed_d, layer=layer,
-                                             backend=backend, plan=plan, **opts)
+                out = attention.batch_decode(cache, q, kv, packed_d, plan=plan, layer=layer)
             else:
                 out_p, out_d = attention.batch_pod(cache, q[:C], packed_p, q[C:], packed_d, kv,
-                                                   layer=layer, causal_p=True, backend=backend,
-                                                   plan=plan, **opts)
+                                                   plan=plan, layer=layer)
                 out = jnp.concatenate([out_p, out_d])
             return out.astype(q.dtype), kv
 
