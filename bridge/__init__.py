@@ -16,4 +16,14 @@ Modules:
   ffi            optional fast path: FlashInfer run functions as XLA FFI targets via jax-tvm-ffi
 """
 
-from .interop import jax_to_torch, torch_callback, torch_to_jax, xla_stream  # noqa: F401
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as e:  # name what to install, not only the missing module
+    if e.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "seqattn_jax.bridge needs torch: on a GPU, pip install 'seqattn-jax[flashinfer]' after the "
+        "torch build for your CUDA (README, 'On an NVIDIA GPU'); for the CPU mechanics tests, "
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu", name="torch") from e
+
+from .interop import jax_to_torch, torch_callback, torch_to_jax, xla_stream  # noqa: F401, E402

@@ -277,12 +277,10 @@ class Engine:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.max(logits, axis=-1)
 
         def prefill_step(params, kv, state, tokens, seq_ids, new_lens, end_lens):
-            # Admission allocated each prompt's pages; a chunk writes positions end - new .. end - 1,
-            # so the batch is packed as if each sequence ended at this chunk's end (same page table).
+            # Admission allocated each prompt's pages; a chunk writes positions end - new .. end - 1
+            # and attends to the first `end` tokens: kv_lens gives that length explicitly.
             self._traced("prefill_step")
-            slot = jnp.where(seq_ids >= 0, seq_ids, self.B)
-            view = dataclasses.replace(state, seq_lens=state.seq_lens.at[slot].set(end_lens, mode="drop"))
-            packed = sa.pack_for_flashinfer(view, seq_ids, new_lens, max_tokens=C)
+            packed = sa.pack_for_flashinfer(state, seq_ids, new_lens, max_tokens=C, kv_lens=end_lens)
             model = nnx.merge(graphdef, params)
             hidden, kv = model.paged(tokens, packed, kv, mode="prefill")
             last = jnp.clip(packed.qo_indptr[1:] - 1, 0, C - 1)  # each request's last row
@@ -291,8 +289,8 @@ class Engine:
 
         def decode_step(params, kv, state, tokens, seq_ids):
             self._traced("decode_step")
-            state, ok = sa.allocate_decoding(state, seq_ids)
-            ok = jnp.all(ok)
+            state, status = sa.allocate_decoding(state, seq_ids)
+            ok = sa.ok(status)  # all-or-nothing: False means the state is unchanged
             seq_ids = jnp.where(ok, seq_ids, -1)  # never write where the allocation was refused
             packed = sa.pack_for_flashinfer(state, seq_ids)
             model = nnx.merge(graphdef, params)
@@ -303,13 +301,13 @@ class Engine:
 
         def allocate_step(state, seq_ids, lens):  # admission without the prefix cache
             self._traced("allocate")
-            state, ok = sa.allocate(state, seq_ids, lens)
-            return state, jnp.all(ok)
+            state, status = sa.allocate(state, seq_ids, lens)
+            return state, sa.ok(status)
 
         def release_step(state, seq_ids):  # release without the prefix cache
             self._traced("release")
-            state, ok = sa.release(state, seq_ids)
-            return state, jnp.all(ok)
+            state, status = sa.release(state, seq_ids)
+            return state, sa.ok(status)
 
         self._prefill = jax.jit(prefill_step, donate_argnums=(1,))
         self._decode = jax.jit(decode_step, donate_argnums=(1, 2))

@@ -43,6 +43,7 @@ from seqattn_jax.state import (
     truncate,
     unref,
 )
+from seqattn_jax.validation import AllocatorError, ok, raise_for_status
 
 __version__ = "0.1.0"
 
@@ -54,4 +55,5 @@ __all__ = [
 ]
 __all__ += ["AttentionPlan", "HostPlan", "adopt_plan", "batch_decode", "batch_pod", "batch_prefill",
             "host_plan_decode", "plan_batch_pod", "plan_decode", "plan_pod", "plan_prefill", "pod"]
+__all__ += ["AllocatorError", "ok", "raise_for_status"]
 __all__ += ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages", "scrub_pages"]

@@ -87,15 +87,8 @@ import numpy as np
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import scrub_pages
-from seqattn_jax.state import (
-    CacheState,
-    Status,
-    allocate_status,
-    ref_status,
-    release_status,
-    share_prefix_status,
-    unref_status,
-)
+from seqattn_jax.state import CacheState, Status, allocate, ref, release, share_prefix, unref
+from seqattn_jax.validation import check_config, check_state
 
 __all__ = ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages"]
 
@@ -124,9 +117,9 @@ def _select(apply, new, old):
 
 def _admit_body(state, evict_ids, slots, prefix_pages, prefix_tokens, new_tokens):
     """unref(evict_ids); share_prefix(slots, prefix); allocate(slots, rest) — all or nothing."""
-    st1, ev_status = unref_status(state, evict_ids)
-    st2, share_status = share_prefix_status(st1, slots, prefix_pages, prefix_tokens)
-    st3, alloc_status = allocate_status(st2, slots, new_tokens)
+    st1, ev_status = unref(state, evict_ids)
+    st2, share_status = share_prefix(st1, slots, prefix_pages, prefix_tokens)
+    st3, alloc_status = allocate(st2, slots, new_tokens)
     status = jnp.where(share_status != Status.OK, share_status, alloc_status)
     apply = jnp.all(ev_status == Status.OK) & jnp.all(status == Status.OK)
     # Freed by the evictions, before the allocation may hand the same pages out again.
@@ -140,7 +133,7 @@ def _admit_scrub_body(state, kv, *args):
 
 
 def _evict_body(state, page_ids):
-    new, status = unref_status(state, page_ids)
+    new, status = unref(state, page_ids)
     return new, status, freed_pages(state, new)
 
 
@@ -151,7 +144,7 @@ def _evict_scrub_body(state, kv, page_ids):
 
 def _release_body(state, slots):
     rows = _slot_rows(state, slots)[0]  # the released pages, for the LRU clock
-    new, status = release_status(state, slots)
+    new, status = release(state, slots)
     return new, status, freed_pages(state, new), rows
 
 
@@ -166,7 +159,7 @@ _evict_jit = jax.jit(_evict_body)
 _evict_scrub_jit = jax.jit(_evict_scrub_body, donate_argnums=1)
 _release_jit = jax.jit(_release_body)
 _release_scrub_jit = jax.jit(_release_scrub_body, donate_argnums=1)
-_ref_jit = jax.jit(ref_status)
+_ref_jit = jax.jit(ref)
 _slot_rows_jit = jax.jit(_slot_rows)
 
 
@@ -279,9 +272,7 @@ class PrefixCache:
     """
 
     def __init__(self, config: CacheConfig, *, scrub_on_free: bool = False):
-        if not isinstance(config, CacheConfig):
-            raise ValueError(f"PrefixCache: config must be a CacheConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = check_config(config, "PrefixCache")
         self.scrub_on_free = bool(scrub_on_free)
         P = config.num_pages
         self._index: dict[tuple, int] = {}
@@ -434,8 +425,7 @@ class PrefixCache:
             raise ValueError(f"PrefixCache.{where}: scrub_on_free=True needs kv= (the pool to scrub)")
 
     def _check_state(self, state):
-        if not isinstance(state, CacheState):
-            raise ValueError(f"state must be a CacheState, got {type(state).__name__}")
+        check_state(state, "PrefixCache")
         if state.config != self.config:
             raise ValueError("state.config is not this PrefixCache's config")
 

@@ -444,7 +444,8 @@ def test_ffi_shim_assembles_views_and_constants():
 
 def _host_plan_step(cfg, hq, seq_ids, use_scan):
     def step(state, kv, q, k, hp):
-        state, ok = sj.allocate_decoding(state, seq_ids)
+        state, status = sj.allocate_decoding(state, seq_ids)
+        ok = sj.ok(status)
         packed = sj.pack_for_flashinfer(state, seq_ids)
         plan = attention.adopt_plan(hp, packed)
 
@@ -474,7 +475,8 @@ def test_host_plans_drive_steps_like_device_plans(torch_backend, use_scan):
     step adopts its own plan (ok), matches the reference and compiles once."""
     cfg = make_config(num_layers=2)
     state = sj.init_state(cfg)
-    state, ok = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([5, 1, 8], jnp.int32))
+    state, status = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([5, 1, 8], jnp.int32))
+    ok = sj.ok(status)
     assert bool(ok.all())
     seq_ids = jnp.asarray([0, -1, 1, 2], jnp.int32)
     lens = np.asarray([5, 0, 1, 8])

@@ -27,8 +27,9 @@ def test_layout_from_lens_is_what_pack_gives(lens, rnd):
     state = sj.init_state(CFG)
     live = [i for i, n in enumerate(lens) if n > 0]
     if live:
-        state, ok = sj.allocate(state, jnp.asarray(live, jnp.int32),
+        state, status = sj.allocate(state, jnp.asarray(live, jnp.int32),
                                 jnp.asarray([lens[i] for i in live], jnp.int32))
+        ok = sj.ok(status)
         assert bool(ok.all())
     order = list(range(len(lens)))
     rnd.shuffle(order)
@@ -41,7 +42,8 @@ def test_layout_from_lens_is_what_pack_gives(lens, rnd):
 
 
 def _step(hp, state, kv, q, seq_ids):
-    state, ok = sj.allocate_decoding(state, seq_ids)
+    state, status = sj.allocate_decoding(state, seq_ids)
+    ok = sj.ok(status)
     packed = sj.pack_for_flashinfer(state, seq_ids)
     plan = attention.adopt_plan(hp, packed)
     out = attention.batch_decode(CFG, q, kv, packed, plan=plan)
