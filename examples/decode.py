@@ -391,8 +391,8 @@ class Engine:
             self.state, ok = self._release(self.state, padded)
             ok = bool(ok)
         else:
-            self.state, oks, _ = self.pc.release(self.state, padded)
-            ok = bool(np.all(oks))
+            self.state, status, _ = self.pc.release(self.state, padded)
+            ok = bool(sa.ok(status))
         if not ok:
             raise RuntimeError(f"release of slots {list(seq_ids)} refused")
         self._sync()

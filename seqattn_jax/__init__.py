@@ -23,6 +23,7 @@ from seqattn_jax.attention import (
     plan_prefill,
     pod,
 )
+from seqattn_jax import _checkout
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.head_ids import HeadIDGenerator, head_ids, split_head_ids
 from seqattn_jax.kv import append_kv, copy_pages, init_kv
@@ -57,3 +58,5 @@ __all__ += ["AttentionPlan", "HostPlan", "adopt_plan", "batch_decode", "batch_po
             "host_plan_decode", "plan_batch_pod", "plan_decode", "plan_pod", "plan_prefill", "pod"]
 __all__ += ["AllocatorError", "ok", "raise_for_status"]
 __all__ += ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages", "scrub_pages"]
+
+_checkout.install()  # a bare source checkout: `import seqattn_jax.bridge` finds ../bridge (see _checkout)

@@ -13,7 +13,7 @@ function of `CacheState` (all-or-nothing, like the core ops); only the index liv
     ...                          # write its K/V (append_kv), then:
     state = cache.insert_slots(state, [slot], [prompt], ["tenant-a"])
     ...
-    state, ok, kv = cache.release(state, [slot])      # the cache keeps the prompt's full pages
+    state, status, kv = cache.release(state, [slot])  # the cache keeps the prompt's full pages
 
 Design: an exact-key hash chain over full pages
 -----------------------------------------------
@@ -183,12 +183,12 @@ class Admission(NamedTuple):
 
     Attributes:
       state: the new `CacheState` (the input state when the call failed).
-      ok: bool, or bool [B] for a batch. All-or-nothing like the core ops: if any request fails,
-        nothing is applied (no sharing, no eviction, no allocation, no cache change) and `ok[i]` is
-        False for each failing request, True for the others.
+      ok: bool: whether the call was applied. All-or-nothing like the core ops: if any request
+        fails, nothing is applied (no sharing, no eviction, no allocation, no cache change) and
+        `status` names each failing request (`status[i] != Status.OK`).
       num_cached: int (or int32 [B]) prompt tokens taken from the cache, a multiple of page_size;
         prefill positions `num_cached .. len(prompt) - 1`. 0 where nothing was applied.
-      status: int32 [B] `Status` codes (OK = 0) of each request.
+      status: int32 [B] `Status` codes (OK = 0) of each request (one entry for `admit`).
       evicted: int32 [n] pages evicted from the cache to make room (empty on failure).
       kv: the (scrubbed) pool when `kv=` was given, else None.
     """
@@ -477,7 +477,7 @@ class PrefixCache:
         `num_cached ..`. All-or-nothing: on failure state and cache are unchanged. Returns an
         `Admission` with scalar `ok` / `num_cached`."""
         res = self.admit_batch(state, [slot], [prompt], [namespace], kv=kv)
-        return res._replace(ok=bool(res.ok[0]), num_cached=int(res.num_cached[0]))
+        return res._replace(num_cached=int(res.num_cached[0]))
 
     def admit_batch(self, state: CacheState, slots, prompts: Sequence, namespaces=None, *,
                     kv=None) -> Admission:
@@ -487,7 +487,7 @@ class PrefixCache:
           slots: int [B] distinct inactive slots; < 0 = padding (its prompt is ignored).
           prompts: B 1-D int token sequences. namespaces: None or B hashables.
         Returns:
-          `Admission` with ok bool [B], num_cached int32 [B], status int32 [B]. All-or-nothing:
+          `Admission` with ok bool, num_cached int32 [B], status int32 [B]. All-or-nothing:
           if any request fails (slot active, too long, out of pages even after evicting every
           evictable page, ...) nothing changes — neither the state, nor the cache (no eviction, no
           LRU update).
@@ -541,9 +541,8 @@ class PrefixCache:
             raise RuntimeError("PrefixCache.admit_batch: the cache is out of sync with the state "
                                "(unref of cached pages failed); was a cached page unref'd outside "
                                "the cache?")
-        ok = status == Status.OK
-        if not ok.all():
-            return Admission(state, ok, np.zeros((B,), np.int32), status, np.zeros((0,), np.int32), kv)
+        if np.any(status != Status.OK):
+            return Admission(state, False, np.zeros((B,), np.int32), status, np.zeros((0,), np.int32), kv)
         self._commit_evict(plan)
         for pages in paths:
             self._touch(pages)
@@ -553,7 +552,7 @@ class PrefixCache:
         st.hits += int(np.sum(valid & (prefix_tokens > 0)))
         st.prompt_tokens += int(np.sum(prefix_tokens + new_tokens))
         st.cached_tokens += int(np.sum(prefix_tokens))
-        return Admission(new, ok, prefix_tokens, status, np.asarray(plan, np.int32), kv)
+        return Admission(new, True, prefix_tokens, status, np.asarray(plan, np.int32), kv)
 
     # -------------------------------------------------------------- insertion
 
@@ -674,7 +673,7 @@ class PrefixCache:
         it frees are zeroed in the returned pool. Cached pages keep the cache's reference and
         stay, and count as used now for LRU (a page is in use until its last request ends, as in
         vLLM; releasing through `seqattn_jax.release` directly leaves them at their last admission).
-        Returns (state, ok bool [B], kv)."""
+        Returns (state, status int32 [B], kv), all-or-nothing like `seqattn_jax.release`."""
         self._check_state(state)
         self._need_kv(kv, "release")
         slots = np.asarray(slots, np.int32).reshape(-1)
@@ -682,9 +681,9 @@ class PrefixCache:
             new, status, kv, rows = _release_scrub_jit(state, kv, slots)
         else:
             new, status, _, rows = _release_jit(state, slots)
-        ok = np.asarray(status) == Status.OK
-        if ok.all():
+        status = np.asarray(status)
+        if np.all(status == Status.OK):
             pages = np.asarray(rows)[slots >= 0].reshape(-1)
             pages = pages[pages >= 0]
             self._touch_chains(pages[self._cached[pages]])
-        return new, ok, kv
+        return new, status, kv
