@@ -61,6 +61,7 @@ import numpy as np
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.packing import PackedBatch
+from seqattn_jax.validation import check_num_qo_heads
 
 __all__ = [
     "BACKENDS", "DECODE_KERNELS", "AttentionPlan", "HostPlan", "adopt_plan", "append_kv",
@@ -253,6 +254,7 @@ class _PlanMeta:
     pos_encoding_mode: str
     causal: bool
     host: bool = False           # adopted from a HostPlan (planned on the host before the step)
+    num_qo_heads: int | None = None  # the query heads planned for; runs check q against it
 
 
 @jax.tree_util.register_pytree_node_class
@@ -362,6 +364,7 @@ def _plan_meta(fn, config, kind, num_qo_heads, *, q_dtype, sm_scale, logits_soft
     bridge; `key_fields`: the PlanKey fields that differ between plan kinds (batch sizes, rows,
     slot). Nothing here imports the bridge unless FlashInfer is chosen."""
     _options_check(fn, logits_soft_cap, window_left, pos_encoding_mode)
+    num_qo_heads = check_num_qo_heads(fn, num_qo_heads, config)
     qd = _q_dtype_name(config, q_dtype)
     extra = {} if decode_kernel is None else {"decode_kernel": decode_kernel}
     reason = flashinfer_unsupported_reason(
@@ -370,7 +373,8 @@ def _plan_meta(fn, config, kind, num_qo_heads, *, q_dtype, sm_scale, logits_soft
         rope_theta=rope_theta, **extra)
     be = _choose(backend, reason)
     meta = dict(kind=kind, logits_soft_cap=float(logits_soft_cap), window_left=int(window_left),
-                pos_encoding_mode=pos_encoding_mode, causal=bool(causal), host=host)
+                pos_encoding_mode=pos_encoding_mode, causal=bool(causal), host=host,
+                num_qo_heads=num_qo_heads)
     if be == "reference":
         return _PlanMeta(backend="reference", key=None, **meta)
     if decode_kernel is not None:
@@ -661,7 +665,8 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, sm
                                                decode_kernel=decode_kernel, **opts)
         be = _choose(backend, reason)
     else:
-        _check_plan("batch_decode", plan, "decode", logits_soft_cap=float(logits_soft_cap),
+        _check_plan("batch_decode", plan, "decode", num_qo_heads=q.shape[1],
+                    logits_soft_cap=float(logits_soft_cap),
                     window_left=window_left, pos_encoding_mode=pos_encoding_mode)
         be = plan.backend
     if be == "reference":
@@ -700,7 +705,8 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, c
         reason = flashinfer_unsupported_reason(config, q.dtype, q.shape[1], kind="prefill", **opts)
         be = _choose(backend, reason)
     else:
-        _check_plan("batch_prefill", plan, "prefill", logits_soft_cap=float(logits_soft_cap),
+        _check_plan("batch_prefill", plan, "prefill", num_qo_heads=q.shape[1],
+                    logits_soft_cap=float(logits_soft_cap),
                     window_left=window_left, pos_encoding_mode=pos_encoding_mode, causal=causal)
         be = plan.backend
     if be == "reference":
@@ -743,7 +749,7 @@ def pod(config: CacheConfig, q_p, k_p, v_p, q_d, kv, packed_d: PackedBatch, *, l
             reason = "k_p / v_p / q_p / q_d must share one dtype for FlashInfer's POD kernel"
         be = _choose(backend, reason)
     else:
-        _check_plan("pod", plan, "pod", logits_soft_cap=float(logits_soft_cap),
+        _check_plan("pod", plan, "pod", num_qo_heads=q_d.shape[1], logits_soft_cap=float(logits_soft_cap),
                     window_left=window_left, pos_encoding_mode=pos_encoding_mode)
         be = plan.backend
     if be == "reference":
@@ -789,7 +795,8 @@ def batch_pod(config: CacheConfig, q_p, packed_p: PackedBatch, q_d, packed_d: Pa
             reason = "q_p and q_d must share one dtype for FlashInfer's batch POD kernel"
         be = _choose(backend, reason)
     else:
-        _check_plan("batch_pod", plan, "batch_pod", logits_soft_cap=float(logits_soft_cap),
+        _check_plan("batch_pod", plan, "batch_pod", num_qo_heads=q_d.shape[1],
+                    logits_soft_cap=float(logits_soft_cap),
                     window_left=window_left, pos_encoding_mode=pos_encoding_mode, causal=causal_p)
         be = plan.backend
     if be == "reference":
