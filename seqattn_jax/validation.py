@@ -68,8 +68,12 @@ STATUS_MESSAGES = {
 def ok(status) -> jax.Array:
     """bool scalar: True iff every request's status is `Status.OK`, i.e. the all-or-nothing call was
     applied. False means the returned state IS the input state; `status != Status.OK` marks the
-    requests that caused the refusal (the others read OK but were not applied either)."""
-    return jnp.all(jnp.asarray(status) == Status.OK)
+    requests that caused the refusal (the others read OK but were not applied either).
+    A jax array (or tracer) gives a jax bool; a host array (numpy, list) a numpy bool, computed on the
+    host with no device dispatch or compilation."""
+    if isinstance(status, jax.Array):
+        return jnp.all(status == Status.OK)
+    return np.all(np.asarray(status) == Status.OK)
 
 
 class AllocatorError(ValueError):

@@ -105,7 +105,8 @@ def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode, monkey
     """The `--backend auto|flashinfer` code path (plans once per step shared by the layer scan,
     buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels stand in
     for FlashInfer's CUDA ones, as in tests/test_bridge_cpu.py."""
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="the FlashInfer code path on CPU runs the bridge's torch kernels "
+                        "(CPU torch; .ci/run installs it)")
     from seqattn_jax import attention
     if not hasattr(attention, "_PROVIDER"):
         pytest.skip("seqattn_jax.attention has no torch provider switch")
