@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.packing import PackedBatch
-from seqattn_jax.validation import check_config, check_pool, check_row_dtype, check_same_pages
+from seqattn_jax.validation import check_config, check_layer, check_pool, check_row_dtype, check_same_pages
 
 __all__ = ["append_kv", "check_pool", "check_rows", "copy_pages", "init_kv", "scrub_pages", "stacked_rows"]
 
@@ -24,12 +24,6 @@ def init_kv(config: CacheConfig) -> jax.Array:
     """A zero-filled pool of shape `config.kv_shape` and dtype `config.dtype`."""
     check_config(config, "init_kv")
     return jnp.zeros(config.kv_shape, config.jnp_dtype)
-
-
-def _check_layer(config: CacheConfig, layer, where: str):
-    if isinstance(layer, int) and not 0 <= layer < config.num_layers:
-        raise ValueError(f"{where}: layer must be in [0, {config.num_layers}), got {layer}")
-    return jnp.asarray(layer, jnp.int32)
 
 
 def check_rows(config: CacheConfig, packed: PackedBatch, keys, values, where: str) -> None:
@@ -79,7 +73,7 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     """
     check_pool(config, kv, "append_kv")
     kvs = stacked_rows(config, packed, keys, values, "append_kv").astype(kv.dtype)  # [T,2,Hkv,D]
-    layer = _check_layer(config, layer, "append_kv")
+    layer = check_layer(config, layer, "append_kv")
     total = config.num_layers * config.num_pages
     page = jnp.where(packed.token_pages >= 0, packed.token_pages + layer * config.num_pages, total)
     off = jnp.maximum(packed.token_offsets, 0)

@@ -80,7 +80,7 @@ import numpy as np
 
 from seqattn_jax.config import KV_LAYOUTS, CacheConfig
 from seqattn_jax.packing import PackedBatch
-from seqattn_jax.validation import check_config, check_same_pages
+from seqattn_jax.validation import check_config, check_layer, check_same_pages
 
 __all__ = ["POS_ENCODING_MODES", "Q_DTYPES", "alibi_slopes", "batch_decode", "batch_prefill",
            "batch_pod", "pod"]
@@ -222,17 +222,7 @@ def _check_packed(name: str, packed, config: CacheConfig) -> int:
 
 
 def _check_layer(config: CacheConfig, layer):
-    """`layer` as an int32 scalar; Python ints are range-checked (traced ones cannot be)."""
-    if isinstance(layer, (bool, np.bool_)):
-        raise ValueError(f"layer must be an int or an int32 scalar array, got {layer!r}")
-    if isinstance(layer, (int, np.integer)):
-        if not 0 <= layer < config.num_layers:
-            raise ValueError(f"layer must be in [0, config.num_layers = {config.num_layers}), got {layer}")
-        return jnp.int32(layer)
-    if hasattr(layer, "shape") and hasattr(layer, "dtype") and layer.shape == () \
-            and jnp.issubdtype(layer.dtype, jnp.integer):
-        return jnp.asarray(layer, _I32)
-    raise ValueError(f"layer must be an int or an integer scalar array, got {layer!r}")
+    return check_layer(config, layer, "reference")
 
 
 # ----------------------------------------------------------------------------------------------

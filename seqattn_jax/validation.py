@@ -148,6 +148,21 @@ def as_ids(name: str, x, ndim: int = 1) -> jax.Array:
     return x.astype(_I32)
 
 
+def check_layer(config: CacheConfig, layer, where: str) -> jax.Array:
+    """`layer` as an int32 scalar; Python ints are range-checked (traced ones cannot be)."""
+    if isinstance(layer, (bool, np.bool_)):
+        raise ValueError(f"{where}: layer must be an int or an int32 scalar array, got {layer!r}")
+    if isinstance(layer, (int, np.integer)):
+        if not 0 <= layer < config.num_layers:
+            raise ValueError(f"{where}: layer must be in [0, config.num_layers = {config.num_layers}), "
+                             f"got {layer}")
+        return jnp.int32(layer)
+    if hasattr(layer, "shape") and hasattr(layer, "dtype") and layer.shape == () \
+            and jnp.issubdtype(layer.dtype, jnp.integer):
+        return jnp.asarray(layer, _I32)
+    raise ValueError(f"{where}: layer must be an int or an integer scalar array, got {layer!r}")
+
+
 def same_shape(name_a: str, a, name_b: str, b) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{name_b} must have the shape of {name_a} {a.shape}, got {b.shape}")

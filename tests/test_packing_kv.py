@@ -256,7 +256,7 @@ def test_bad_kv_inputs():
         sj.append_kv(cfg, kv[:4], good, good, packed)
     with pytest.raises(ValueError, match="kv must have dtype float32"):
         sj.append_kv(cfg, kv.astype(jnp.float16), good, good, packed)
-    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"layer must be in \[0, config\.num_layers = 1\)"):
         sj.append_kv(cfg, kv, good, good, packed, layer=1)
     with pytest.raises(ValueError, match="copies must be an int32 \\[N, 2\\]"):
         sj.copy_pages(cfg, kv, jnp.zeros((3,), jnp.int32))
