@@ -135,7 +135,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
     state, kv = sj.init_state(cache), sj.init_kv(cache)
     # Take a few pages first and free them later, so request pages are not in id order.
     state, ok = sj.allocate(state, jnp.array([n], jnp.int32), jnp.array([3 * page_size - 1], jnp.int32))
-    assert bool(ok.all())
+    assert bool(sj.ok(ok))
     slots = jnp.arange(n, dtype=jnp.int32)
     done = [0] * n
     got = {}
@@ -146,7 +146,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
             new.append(take)
             budget -= take
         state, ok = sj.allocate(state, slots, jnp.asarray(new, jnp.int32))
-        assert bool(ok.all())
+        assert bool(sj.ok(ok))
         packed = sj.pack_for_flashinfer(state, slots, jnp.asarray(new, jnp.int32), max_tokens=chunk)
         rows = np.concatenate([seqs[r][done[r]:done[r] + new[r]] for r in range(n)])
         tokens = np.zeros(chunk, np.int32)
@@ -165,7 +165,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
         active = [r for r in range(n) if done[r] < len(seqs[r])]
         ids = jnp.asarray([r if r in active else -1 for r in range(n)] + [-1], jnp.int32)
         state, ok = sj.allocate_decoding(state, ids)
-        assert bool(ok.all())
+        assert bool(sj.ok(ok))
         packed = sj.pack_for_flashinfer(state, ids)
         tokens = np.zeros(n + 1, np.int32)
         for r in active:
@@ -321,4 +321,4 @@ def test_attention_options_drive_the_public_plans():
     plan = sj.plan_decode(cache, dec, cfg.num_heads, backend="reference", **opts)
     out = sj.batch_decode(cache, q[:2], kv, dec, plan=plan, **opts)
     np.testing.assert_array_equal(out, reference.batch_decode(cache, q[:2], kv, dec, **opts))
-    assert bool(ok.all())
+    assert bool(sj.ok(ok))

@@ -53,6 +53,7 @@ from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
 from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec, step_options
 from seqattn_jax.state import allocate, init_state, release
+from seqattn_jax.validation import Status
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestHandle"]
 
@@ -530,15 +531,15 @@ class Engine:
             self._running[s] = r
         if self.pc is None:
             lens = [len(r.prompt) for r in reqs]
-            self.state, ok = self._alloc(self.state, self._pad(slots), self._pad(lens, 0))
-            self._checks.append(("admission", ok))
+            self.state, status = self._alloc(self.state, self._pad(slots), self._pad(lens, 0))
+            self._checks.append(("admission", status))
             self._free -= sum(self.cache.pages_for(n) for n in lens)
             cached = [0] * len(reqs)
         else:
             adm = self.pc.admit_batch(self.state, self._pad(slots),
                                       [r.prompt for r in reqs] + [np.zeros((1,), np.int32)] *
                                       (self.B - len(reqs)))
-            if not np.all(adm.ok[:len(reqs)]):
+            if not adm.ok:
                 raise RuntimeError(f"admission refused (status {adm.status[:len(reqs)].tolist()}): "
                                    "a scheduler bug, pages are checked before admission")
             self.state = adm.state
@@ -553,12 +554,12 @@ class Engine:
     def _release_slots(self, reqs: list[_Request]) -> None:
         slots = self._pad([r.slot for r in reqs])
         if self.pc is None:
-            self.state, ok = self._release(self.state, slots)
-            self._checks.append(("release", ok))
+            self.state, status = self._release(self.state, slots)
+            self._checks.append(("release", status))
             self._free += sum(self.cache.pages_for(self._held(r)) for r in reqs)
         else:
-            self.state, oks, _ = self.pc.release(self.state, slots)
-            if not np.all(oks):
+            self.state, status, _ = self.pc.release(self.state, slots)
+            if not np.all(status == Status.OK):
                 raise RuntimeError(f"release of slots {[r.slot for r in reqs]} refused")
             self._sync_rc()
         for r in reqs:
@@ -708,8 +709,8 @@ class Engine:
     # ------------------------------------------------------------------------ read-back
 
     def _flush_checks(self) -> None:
-        for what, ok in self._checks:
-            if not bool(np.all(np.asarray(ok))):
+        for what, status in self._checks:
+            if not np.all(np.asarray(status) == Status.OK):
                 raise RuntimeError(f"engine: a device {what} was refused (the host's page mirror "
                                    "is out of step with the allocator: an engine bug)")
         self._checks.clear()

@@ -29,6 +29,7 @@ from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
 from seqattn_jax.serving.sampling import sample_tokens
 from seqattn_jax.state import allocate_decoding
+from seqattn_jax.validation import ok
 
 __all__ = ["StepKind", "build_step", "step_inputs_spec"]
 
@@ -118,8 +119,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                                            kv_lens=inp["p_end"])
         if kind.has_decode:
             d_ids = inp["d_ids"]
-            state, ok = allocate_decoding(state, d_ids)
-            ok_alloc = jnp.all(ok)
+            state, status = allocate_decoding(state, d_ids)
+            ok_alloc = ok(status)
             d_ids = jnp.where(ok_alloc, d_ids, -1)   # never write where the allocation was refused
             packed_d = pack_for_flashinfer(state, d_ids)
             d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
