@@ -303,9 +303,11 @@ def test_forward_bad_input():
 
 
 def test_attention_options_drive_the_public_plans():
-    """attention_options(cfg) is accepted as is by seqattn_jax's plan_* and attention ops."""
+    """attention_options(cfg) makes the AttentionOptions of seqattn_jax's plans, and the reference
+    functions take it as keywords."""
     cfg = small(sliding_window=3)
     opts = llama.attention_options(cfg)
+    options = sj.AttentionOptions(**opts)
     cache = sj.CacheConfig(num_pages=8, page_size=4, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                            max_seqs=2, max_pages_per_seq=4, num_layers=cfg.num_layers, dtype="float32")
     state, kv = sj.init_state(cache), sj.init_kv(cache)
@@ -314,11 +316,11 @@ def test_attention_options_drive_the_public_plans():
     packed = sj.pack_for_flashinfer(state, slots, jnp.array([5, 3], jnp.int32), max_tokens=8)
     q = jax.random.normal(jax.random.key(0), (8, cfg.num_heads, cfg.head_dim))
     kv = jax.random.normal(jax.random.key(1), kv.shape)
-    plan = sj.plan_prefill(cache, packed, cfg.num_heads, backend="reference", **opts)
-    out = sj.batch_prefill(cache, q, kv, packed, plan=plan, **opts)
+    plan = sj.plan_prefill(cache, packed, cfg.num_heads, backend="reference", options=options)
+    out = sj.batch_prefill(cache, q, kv, packed, plan=plan)
     np.testing.assert_array_equal(out, reference.batch_prefill(cache, q, kv, packed, **opts))
     dec = sj.pack_for_flashinfer(state, slots)
-    plan = sj.plan_decode(cache, dec, cfg.num_heads, backend="reference", **opts)
-    out = sj.batch_decode(cache, q[:2], kv, dec, plan=plan, **opts)
+    plan = sj.plan_decode(cache, dec, cfg.num_heads, backend="reference", options=options)
+    out = sj.batch_decode(cache, q[:2], kv, dec, plan=plan)
     np.testing.assert_array_equal(out, reference.batch_decode(cache, q[:2], kv, dec, **opts))
     assert bool(sj.ok(ok))

@@ -51,7 +51,8 @@ from seqattn_jax.kv import init_kv
 from seqattn_jax.prefix_cache import PrefixCache
 from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
-from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec, step_options
+from seqattn_jax.serving.step import (StepKind, build_step, num_out_rows, pack_inputs,
+                                      step_inputs_spec, step_options)
 from seqattn_jax.state import allocate, init_state, release
 from seqattn_jax.validation import Status
 
@@ -213,8 +214,7 @@ class RequestHandle:
 class _Pending:
     """A dispatched step whose tokens the host has not read yet."""
 
-    tokens: jax.Array                     # int32 [R]
-    flags: jax.Array                      # bool [2]: allocation ok, plan ok
+    out: jax.Array                        # int32 [R + 2]: tokens, then allocation ok, plan ok
     rows: list                            # (row index, request) whose token counts
     kind: str
 
@@ -404,9 +404,10 @@ class Engine:
                     inp.update(self._sampling_arrays([None] * r, [0] * r))
                     hp = self._host_plan(kind_name, inp, d_lens, c) if kind.host_plan else None
                     fn = self._step_fn(kind, c)
-                    self.kv, _, last, toks, flags = fn(self.params, self.kv, state,
-                                                       jnp.zeros_like(self.last_tok), inp, hp)
-                    if not bool(np.all(np.asarray(flags))):
+                    flat = pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp)
+                    self.kv, _, last, out = fn(self.params, self.kv, state,
+                                               jnp.zeros_like(self.last_tok), flat, hp)
+                    if not np.all(np.asarray(out)[-2:] == 1):
                         raise RuntimeError(f"warmup: the {kind_name} step's checks failed")
         # the allocator / prefix-cache programs of admission, indexing and release (fixed shapes)
         prompt = np.zeros((min(cfg.page_size + 1, cfg.max_seq_len),), np.int32)
@@ -665,18 +666,17 @@ class Engine:
         if use_host_plan:
             host_plan = self._host_plan(kind_name, inp, lens if decode else None, C)
         inp.update(self._sampling_arrays(samplers, counters))
-        spec = step_inputs_spec(kind, B, Bp, C)
-        assert set(spec) == set(inp), (sorted(spec), sorted(inp))
+        flat = pack_inputs(step_inputs_spec(kind, B, Bp, C), inp)
         fn = self._step_fn(kind, C)
         try:
-            self.kv, self.state, self.last_tok, toks, flags = fn(
-                self.params, self.kv, self.state, self.last_tok, inp, host_plan)
+            self.kv, self.state, self.last_tok, out = fn(
+                self.params, self.kv, self.state, self.last_tok, flat, host_plan)
         except Exception:
             if use_host_plan:
                 self.backend.discard_host_plans()
             raise
         self.stats.steps[kind_name] += 1
-        self._pending.append(_Pending(toks, flags, rows, kind_name))
+        self._pending.append(_Pending(out, rows, kind_name))
         in_use = cfg.num_pages - self._free
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
 
@@ -716,8 +716,8 @@ class Engine:
         self._checks.clear()
 
     def _receive(self, p: _Pending) -> None:
-        toks = np.asarray(p.tokens)
-        flags = np.asarray(p.flags)
+        out = np.asarray(p.out)                 # the one device-to-host read of a step
+        toks, flags = out[:-2], out[-2:]
         if not flags[0]:
             raise RuntimeError(f"engine: a {p.kind} step's page allocation was refused (the host's "
                                "page mirror is out of step with the allocator: an engine bug)")
