@@ -1,5 +1,6 @@
-"""examples/serve_hf.py on a tiny random checkpoint written here (HF layout, word-level tokenizer.json,
-through benchmarks/write_random_checkpoint.py's tensor list and tokenizer): the served greedy tokens
+"""examples/serve_hf.py on a tiny random checkpoint written here (HF layout through
+tests/test_hf_loader.py's tensors, a word-level tokenizer.json over the whole vocabulary, the same
+as benchmarks/write_random_checkpoint.py's, which the sdist does not carry): the served greedy tokens
 equal the dense model's greedy continuation of each prompt, the streamed text is the tokenizer's
 decoding, an EOS id the model produces stops its request, and a bad --model exits 2 naming the
 problem. Reference backend, float32; nothing is downloaded."""
@@ -24,9 +25,9 @@ pytest.importorskip("rich", reason="rich (the optional extra 'example') is not i
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from benchmarks.write_random_checkpoint import tensor_specs, write_tokenizer  # noqa: E402
 from seqattn_jax.models import llama  # noqa: E402
 from seqattn_jax.models.hf import load_hf_checkpoint, load_tokenizer  # noqa: E402
+from tests.test_hf_loader import hf_tensors  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "serve_hf.py"
@@ -46,16 +47,23 @@ SERVE = ["--backend", "reference", "--dtype", "float32", "--batch", "2", "--chun
          "--page-size", "8", "--num-pages", "16", "--max-new-tokens", str(MAX_NEW)]
 
 
+def write_tokenizer(path: pathlib.Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(path / "tokenizer.json"))
+
+
 def write_checkpoint(path: pathlib.Path, eos=1) -> str:
-    rng = np.random.default_rng(0)
-    tensors = {name: (np.ones(shape, np.float32) if std is None
-                      else rng.standard_normal(shape, np.float32) * np.float32(std))
-               for name, shape, std in tensor_specs(CONFIG)}
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"))
+    save_file(hf_tensors(CONFIG, seed=0), str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(CONFIG))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": eos}))
-    write_tokenizer(str(path), CONFIG["vocab_size"])
+    write_tokenizer(path, CONFIG["vocab_size"])
     return str(path)
 
 
@@ -125,6 +133,7 @@ def test_one_prompt_streams_on_one_line_and_eos_stops(serve, ckpt, tmp_path, cap
     # An EOS the model really produces: its third greedy token (the first occurrence of that id).
     eos = free[2]
     stop_at = free.index(eos)
+    assert 0 < stop_at < MAX_NEW - 1  # stops mid-way (true for this seed: no repeat before it)
     eos_dir = tmp_path / "eos"
     shutil.copytree(ckpt, eos_dir)
     (eos_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
