@@ -92,7 +92,8 @@ def step_options(model) -> AttentionOptions:
     return AttentionOptions(**{**dict(model.attention_options()), "causal": True})
 
 
-def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int, backend):
+def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int, backend,
+               tp=None):
     """The pure step function of `kind` (jit it with the pool, state and last_tok donated).
 
     step(params, kv, state, last_tok, inp, host_plan) ->
@@ -101,12 +102,20 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
     `inp` holds the arrays of `step_inputs_spec`; `host_plan` is the step's `HostPlan`
     (`host_plan_decode` / `host_plan_prefill` / `host_plan_batch_pod`) when `kind.host_plan`,
     else None. `backend` is a backend object (or name).
+
+    `tp`: a `seqattn_jax.sharding.TensorParallel` (the pool sharded over KV heads on its mesh, the
+    params in its layout) or None. With it, plans are made for one device's heads (its local cache
+    config, Hq/N query heads) and attention runs per device under `shard_map`; the rest of the
+    step is the same program, partitioned by XLA from the shardings of its arguments.
     """
     if kind.kind not in KINDS:
         raise ValueError(f"StepKind.kind must be one of {KINDS}, got {kind.kind!r}")
     opts = step_options(model)
     hq, dtype = model.num_heads, cache.jnp_dtype
     plan_kw = dict(options=opts, q_dtype=dtype, backend=backend)
+    full = cache
+    if tp is not None:   # plans and attention see one device's heads
+        cache, hq = tp.local_cache(cache), tp.local_heads(hq)
 
     def step(params, kv, state, last_tok, inp, host_plan):
         packed_p = packed_d = None
@@ -144,7 +153,7 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
                                           C + jnp.arange(B, dtype=jnp.int32)])
 
-        def attend(q, k, v, kv, layer):
+        def attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan):
             kv = attention.append_kv(cache, kv, k, v, write, layer=layer)
             if kind.kind == "prefill":
                 out = attention.batch_prefill(cache, q, kv, packed_p, plan=plan, layer=layer)
@@ -155,6 +164,13 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                                                    plan=plan, layer=layer)
                 out = jnp.concatenate([out_p, out_d])
             return out.astype(q.dtype), kv
+
+        def attend(q, k, v, kv, layer):
+            extras = (write, packed_p, packed_d, plan)
+            if tp is None:
+                return attend_local(q, k, v, kv, layer, *extras)
+            return tp.attend(full, lambda q, k, v, kv, ex: attend_local(q, k, v, kv, layer, *ex))(
+                q, k, v, kv, extras)
 
         logits, kv = model.forward(params, tokens, positions, kv, attend, logit_rows)
         toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
