@@ -113,6 +113,8 @@ def _errors() -> dict:
         "engine_model_tp": lambda: Engine(LlamaModel(CFG, tp=2), None, CACHE,
                                           EngineConfig(backend="reference", mesh=mesh4)),
         "engine_mesh_axis": lambda: EngineConfig(mesh=mesh4, mesh_axis="model"),
+        "flashinfer_refused": lambda: sharding.TensorParallel(sharding.tp_mesh(2)).check(
+            CACHE, CFG.num_heads, "flashinfer", "Engine"),
     }
     for name, f in tries.items():
         try:
