@@ -27,16 +27,16 @@ The fused projections need their columns reordered before a column split: wqkv's
 With N = 1 the layout is the original one.
 
 Plans per device. A plan's static metadata (`PlanMeta`) is made for the local shapes (local
-config, Hq/N heads). The reference backend's plans hold no device data, so the step makes (or
-adopts) them once, replicated, and every device uses the same one. FlashInfer's plans are device
-state (plan_info on the host, a schedule in an int workspace on the GPU); under `shard_map` each
-device runs the plan / adopt / run callbacks itself, with its local buffers, on its own thread
-(checked on CPU: `buffer_callback` inside `shard_map` runs once per device with local shapes).
-So each device needs its own plan slot, workspaces and host-plan queue, and a host plan must be
-made once per device. The bridge keeps ONE slot per `PlanKey` bound to the device that was
-current at trace time, so `TensorParallel` refuses FlashInfer on more than one device (a
-`ValueError` saying so) until the bridge keys its slots by (PlanKey, device); see README
-"Tensor parallel" for exactly what that change is.
+config, Hq/N heads), and the plan is made (or a host plan adopted) inside `shard_map`, by every
+device for itself (`TensorParallel.plan`): its token is one int32[1] per device (sharded on the
+axis), its `ok` the AND over devices. The reference backend's plans hold no device data, so this
+costs nothing there. FlashInfer's plans are device state (plan_info on the host, a schedule in an
+int workspace on the GPU); under `shard_map` each device runs the plan / adopt / run callbacks
+itself, with its local buffers, on its own thread (checked on CPU: `buffer_callback` inside
+`shard_map` runs once per device with local shapes). So the backend must be made for the mesh's
+devices, `FlashInferBackend(devices=mesh.devices.flat)`: it keeps a plan slot (modules,
+workspaces, host-plan queue) per (PlanKey, device), each callback picks its device's slot from
+its buffers' device, and `host_plan_*` plans once per device (each device adopts its own copy).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from seqattn_jax.config import CacheConfig
 
-__all__ = ["AXIS", "TensorParallel", "check_pool_sharding", "gate_up_permutation",
+__all__ = ["AXIS", "TensorParallel", "check_pool_sharding", "device_ordinal", "gate_up_permutation",
            "llama_param_shardings", "pool_spec", "qkv_permutation", "shard_llama",
            "shard_params", "shard_pool", "tp_mesh"]
 
@@ -155,12 +155,13 @@ class TensorParallel:
         _divides(where, "num_heads (query heads)", num_heads, n, self.axis)
         name = backend if isinstance(backend, str) else getattr(backend, "name", None)
         if n > 1 and name == "flashinfer":
-            raise ValueError(
-                f"{where}: backend 'flashinfer' cannot run sharded over {n} devices yet: the "
-                f"bridge keeps one plan slot (plan_info, workspaces, host-plan queue) per PlanKey "
-                f"on the device current at trace time, and under shard_map every device runs the "
-                f"callbacks itself (README 'Tensor parallel'); use the reference backend or a "
-                f"mesh of one device")
+            want = tuple(device_ordinal(d) for d in self.mesh.devices.flat)
+            have = getattr(backend, "devices", None) if not isinstance(backend, str) else None
+            if have is None or set(have) != set(want):
+                raise ValueError(
+                    f"{where}: backend: FlashInfer over {n} devices needs a plan slot per device: "
+                    f"pass FlashInferBackend(devices=mesh.devices.flat) (devices {want}), got "
+                    f"{backend!r}")
 
     def local_cache(self, cache: CacheConfig) -> CacheConfig:
         """The cache config one device sees: `num_kv_heads / N` heads, the rest unchanged."""
@@ -185,20 +186,60 @@ class TensorParallel:
         """`tree`'s arrays replicated over the mesh."""
         return jax.device_put(tree, self.replicated)
 
+    def plan(self, make, *args):
+        """`make(*args) -> AttentionPlan` (made for one device's heads: `local_cache`,
+        `local_heads`) run by every device under `shard_map`, `args` replicated. Returns the
+        plan with one token per device (int32[N], sharded on the axis; None stays None) and `ok`
+        the AND of every device's. Pass it to `attend`, which hands each device its own token.
+        """
+        from seqattn_jax.plans import AttentionPlan  # noqa: PLC0415
+
+        box = {}
+
+        def body(args):
+            p = make(*args)
+            box["meta"], box["none"] = p.meta, p.token is None
+            tok = jnp.zeros((1,), jnp.int32) if p.token is None else p.token
+            return tok, jnp.reshape(p.ok, (1,))
+
+        ax = P(self.axis)
+        tok, ok = jax.shard_map(body, mesh=self.mesh, in_specs=(P(),), out_specs=(ax, ax),
+                                check_vma=False)(args)
+        return AttentionPlan(None if box["none"] else tok, box["meta"], jnp.all(ok))
+
     def attend(self, cache: CacheConfig, fn):
-        """`fn(q, k, v, kv, extras) -> (out, kv)` written for ONE device's shard (the local cache
-        config, Hq/N query heads), as a function of the global arrays, run under `shard_map`.
+        """`fn(q, k, v, kv, extras, plan) -> (out, kv)` written for ONE device's shard (the local
+        cache config, Hq/N query heads), as a function of the global arrays, run under
+        `shard_map`.
 
         Args of the returned function: q [T, Hq, D], k / v [T, Hkv, D] (sharded or not: they are
         split on the head axis), kv the pool (sharded by `pool_spec`), extras a pytree of
-        replicated values (packed batches, the step's plan, ...). Returns (out [T, Hq, D] sharded
+        replicated values (packed batches, ...), plan the step's plan from `TensorParallel.plan`
+        (each device gets its own token; `ok` is not passed in). Returns (out [T, Hq, D] sharded
         on heads, the pool). Inside, q / k / v hold heads [i * H/N, (i+1) * H/N) of device i.
         """
+        from seqattn_jax.plans import AttentionPlan  # noqa: PLC0415
+
         heads = P(None, self.axis, None)
         kv_spec = pool_spec(cache, self.axis)
-        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(heads, heads, heads, kv_spec, P()),
-                               out_specs=(heads, kv_spec))
-        return mapped
+
+        def run(q, k, v, kv, extras, plan):
+            def body(q, k, v, kv, extras, token):
+                return fn(q, k, v, kv, extras, AttentionPlan(token, plan.meta))
+
+            tok_spec = None if plan.token is None else P(self.axis)
+            return jax.shard_map(body, mesh=self.mesh,
+                                 in_specs=(heads, heads, heads, kv_spec, P(), tok_spec),
+                                 out_specs=(heads, kv_spec), check_vma=False)(
+                q, k, v, kv, extras, plan.token)
+
+        return run
+
+
+def device_ordinal(device) -> int:
+    """A device's local ordinal (what a buffer's DLPack device id says inside a callback)."""
+    hw = getattr(device, "local_hardware_id", None)
+    return int(device.id if hw is None else hw)
 
 
 # ----------------------------------------------------------------------------------------------

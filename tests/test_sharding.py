@@ -120,7 +120,22 @@ def test_no_copy_of_the_cache_per_step(devices4, n):
     assert devices4[f"tp{n}"]["pointers_kept"]
     hlo = devices4["hlo_tp2"]
     assert hlo["pool_sized_all_gather"] == 0
-    assert hlo["all_reduce"] == 2 * 2   # after wo and after w_down, in each of the 2 layers
+    # the activations are all-reduced after wo and after w_down in each of the 2 layers (plus one
+    # bool: the plan's ok over devices); nothing is gathered or exchanged all-to-all
+    assert hlo["hidden_all_reduce"] == 2 * 2 and hlo["all_reduce"] == 2 * 2 + 1
+    assert hlo["all_gather"] == 0 and hlo["all_to_all"] == 0
+
+
+@pytest.mark.parametrize("plans", ["host_plans", "device_plans"])
+def test_flashinfer_backend_plans_per_device_under_shard_map(devices4, plans):
+    """FlashInferBackend(devices=...) with the bridge's torch CPU kernels over 2 devices: the
+    same greedy tokens as on one device, and every device made (or adopted) its own plan in
+    every step, through its own slots."""
+    run = devices4["flashinfer_torch"][plans]
+    assert run["tp2"] == run["single"]
+    assert run["devices"] == [0, 1]
+    assert run["plans_per_device"] == {"0": run["steps"], "1": run["steps"]}
+    assert run["idle"] == {"pages_in_use": 0, "active_slots": 0}
 
 
 def test_errors_name_the_argument(devices4):
@@ -132,4 +147,4 @@ def test_errors_name_the_argument(devices4):
     assert "sharded on its KV-head axis" in err["pool_replicated"]
     assert "model.tp = 2" in err["engine_model_tp"]
     assert err["engine_mesh_axis"].startswith("EngineConfig.mesh")
-    assert "backend 'flashinfer' cannot run sharded over 2 devices" in err["flashinfer_refused"]
+    assert "FlashInfer over 2 devices needs a plan slot per device" in err["flashinfer_refused"]

@@ -83,8 +83,13 @@ def _hlo_collectives(model, params, mesh) -> dict:
     big = [ln for ln in lines if "all-gather(" in ln and
            any(int(np.prod([int(x) for x in dims.split(",") if x])) >= pool_elems // 4
                for dims in _shapes(ln))]
+    # the layer's all-reduces carry [rows, d_model] activations (after wo, after w_down)
+    hidden = [ln for ln in lines if "all-reduce(" in ln and
+              any(dims.endswith(f",{CFG.d_model}") for dims in _shapes(ln))]
     return {"all_reduce": sum("all-reduce(" in ln for ln in lines),
+            "hidden_all_reduce": len(hidden),
             "all_gather": sum("all-gather(" in ln for ln in lines),
+            "all_to_all": sum("all-to-all(" in ln for ln in lines),
             "pool_sized_all_gather": len(big)}
 
 
@@ -125,6 +130,42 @@ def _errors() -> dict:
     return out
 
 
+def _flashinfer_mechanics() -> dict:
+    """The FlashInfer backend's plan / adopt / run callbacks under shard_map, with the bridge's
+    torch CPU kernels (FlashInfer's own need a GPU): a float16 model over 2 devices against the
+    same backend kind on one device, and each device's plan slots."""
+    from seqattn_jax import bridge  # noqa: PLC0415
+
+    cfg = LlamaConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=64, ffn_dim=256, dtype="float16")
+    cache = sj.CacheConfig(num_pages=48, page_size=4, num_kv_heads=2, head_dim=64, max_seqs=4,
+                           max_pages_per_seq=12, num_layers=2, dtype="float16")
+    base = LlamaModel(cfg)
+    params = base.init_params(5)
+    prompts = _prompts()[:5]
+    sampling = [SamplingParams(max_new_tokens=n) for n in (4, 6, 2, 5, 3)]
+    out = {}
+    for host_plans in (True, False):
+        one = Engine(base, params, cache, EngineConfig(
+            chunk=16, max_prefill_requests=3, host_plans=host_plans,
+            backend=bridge.FlashInferBackend(provider="torch")))
+        single = [o.tolist() for o in one.generate(prompts, sampling)]
+        mesh = sharding.tp_mesh(2)
+        be = bridge.FlashInferBackend(provider="torch", devices=mesh.devices.flat)
+        model, sp = sharding.shard_llama(base, params, mesh)
+        eng = Engine(model, sp, cache, EngineConfig(chunk=16, max_prefill_requests=3,
+                                                    host_plans=host_plans, backend=be))
+        tp2 = [o.tolist() for o in eng.generate(prompts, sampling)]
+        per_dev: dict[int, int] = {}
+        for slot in be.slots:
+            per_dev[slot.device] = per_dev.get(slot.device, 0) + slot.num_plans
+        out["host_plans" if host_plans else "device_plans"] = {
+            "single": single, "tp2": tp2, "steps": sum(eng.stats.steps.values()),
+            "plans_per_device": {str(k): v for k, v in sorted(per_dev.items())},
+            "devices": list(be.devices), "idle": eng.check_idle()}
+    return out
+
+
 def main():
     assert len(jax.devices()) >= 4, jax.devices()
     base_model = LlamaModel(CFG)
@@ -137,6 +178,7 @@ def main():
         if n == 2:
             res["hlo_tp2"] = _hlo_collectives(model, sp, mesh)
     res["errors"] = _errors()
+    res["flashinfer_torch"] = _flashinfer_mechanics()
     json.dump(res, sys.stdout)
 
 

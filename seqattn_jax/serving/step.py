@@ -134,22 +134,29 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
                 mode="fill", fill_value=0)
 
+        def make_plan(host_plan, packed_p, packed_d):
+            if kind.kind == "prefill":
+                return attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
+                    attention.plan_prefill(cache, packed_p, hq, **plan_kw)
+            if kind.kind == "decode":
+                return attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
+                    attention.plan_decode(cache, packed_d, hq, **plan_kw)
+            return attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
+                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
+
+        # with a mesh every device makes (or adopts) its own plan: see seqattn_jax/sharding.py
+        plan = make_plan(host_plan, packed_p, packed_d) if tp is None else \
+            tp.plan(make_plan, host_plan, packed_p, packed_d)
         if kind.kind == "prefill":
             tokens, positions, write = inp["p_tokens"], packed_p.positions, packed_p
-            plan = attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
-                attention.plan_prefill(cache, packed_p, hq, **plan_kw)
             logit_rows = jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1)
         elif kind.kind == "decode":
             tokens, positions, write = d_tokens, packed_d.positions, packed_d
-            plan = attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
-                attention.plan_decode(cache, packed_d, hq, **plan_kw)
             logit_rows = jnp.arange(B, dtype=jnp.int32)
         else:
             tokens = jnp.concatenate([inp["p_tokens"], d_tokens])
             positions = jnp.concatenate([packed_p.positions, packed_d.positions])
             write = _write_view(packed_p, packed_d)
-            plan = attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
-                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
             logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
                                           C + jnp.arange(B, dtype=jnp.int32)])
 
@@ -166,11 +173,10 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             return out.astype(q.dtype), kv
 
         def attend(q, k, v, kv, layer):
-            extras = (write, packed_p, packed_d, plan)
             if tp is None:
-                return attend_local(q, k, v, kv, layer, *extras)
-            return tp.attend(full, lambda q, k, v, kv, ex: attend_local(q, k, v, kv, layer, *ex))(
-                q, k, v, kv, extras)
+                return attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan)
+            return tp.attend(full, lambda q, k, v, kv, ex, plan: attend_local(
+                q, k, v, kv, layer, *ex, plan))(q, k, v, kv, (write, packed_p, packed_d), plan)
 
         logits, kv = model.forward(params, tokens, positions, kv, attend, logit_rows)
         toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
