@@ -49,6 +49,8 @@ def _serve(model, params, mesh):
     """Greedy tokens of every prompt, and what the pool looked like along the way."""
     eng = Engine(model, params, CACHE, EngineConfig(chunk=16, max_prefill_requests=3,
                                                     backend="reference", mesh=mesh))
+    if mesh is not None and mesh.size == 2:
+        eng.warmup()   # every step program, on scratch state, before serving
     before = _pointers(eng.kv)
     shardings, pointers = set(), set()
     handles = [eng.submit(p, SamplingParams(max_new_tokens=n))
