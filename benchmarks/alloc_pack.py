@@ -37,12 +37,14 @@ def bench_seqattn_jax(num_seqs, pages_per_seq, page_size, steps, warmup):
     ids = jnp.arange(num_seqs, dtype=jnp.int32)
     rng = np.random.default_rng(0)
     lens = rng.integers((pages_per_seq - 1) * page_size + 1, pages_per_seq * page_size + 1, num_seqs)
-    state, ok = sj.allocate(sj.init_state(cfg), ids, jnp.asarray(lens, jnp.int32))
+    state, status = sj.allocate(sj.init_state(cfg), ids, jnp.asarray(lens, jnp.int32))
+    ok = sj.ok(status)
     assert bool(ok.all())
 
     @jax.jit
     def step(state, seq_ids):
-        state, ok = sj.allocate_decoding(state, seq_ids)
+        state, status = sj.allocate_decoding(state, seq_ids)
+        ok = sj.ok(status)
         return state, ok, sj.pack_for_flashinfer(state, seq_ids)
 
     step = jax.jit(step, donate_argnums=0)
@@ -66,7 +68,8 @@ def bench_seqattn_jax(num_seqs, pages_per_seq, page_size, steps, warmup):
     # In-program: n steps chained in one jitted lax.scan; (T(n2) - T(n1)) / (n2 - n1) is the
     # step's own device cost, without the fixed cost of dispatching a program from Python.
     def inner(st, _):
-        st, ok = sj.allocate_decoding(st, ids)
+        st, status = sj.allocate_decoding(st, ids)
+        ok = sj.ok(status)
         packed = sj.pack_for_flashinfer(st, ids)
         return st, (ok.all(), packed.kv_page_indptr[-1], packed.kv_page_indices[-1],
                     packed.token_pages[-1])

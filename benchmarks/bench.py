@@ -341,7 +341,8 @@ def bench_step(bs=64, ctx=1024, num_layers=32, steps=30):
         reach append_kv stacked ([T, 2, Hkv, D], as a fused KV projection gives them) rather than
         as two arrays (which costs a copy per layer)."""
         def step(state, kv, hp):
-            state, ok = sj.allocate_decoding(state, seq_ids)
+            state, status = sj.allocate_decoding(state, seq_ids)
+            ok = sj.ok(status)
             packed = sj.pack_for_flashinfer(state, seq_ids)
             if planning == "host":
                 plan = attention.adopt_plan(hp, packed)

@@ -32,7 +32,8 @@ def make_batch(cfg, lens, seq_ids, rng, new_lens=None, max_tokens=None):
     st = sj.init_state(cfg)
     ids = jnp.arange(len(lens), dtype=jnp.int32)
     # allocate in random page order: take pages out of order by allocating a dummy first
-    st, ok = sj.allocate(st, ids, jnp.asarray(lens, jnp.int32))
+    st, status = sj.allocate(st, ids, jnp.asarray(lens, jnp.int32))
+    ok = sj.ok(status)
     assert bool(ok.all())
     packed = sj.pack_for_flashinfer(st, jnp.asarray(seq_ids, jnp.int32),
                                     None if new_lens is None else jnp.asarray(new_lens, jnp.int32),

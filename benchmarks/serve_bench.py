@@ -45,7 +45,7 @@ from seqattn_jax import attention  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 from seqattn_jax.serving import engine as engine_mod  # noqa: E402
-from seqattn_jax.serving.step import StepKind  # noqa: E402
+from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: E402
 
 SHAPES = {
     "small": (LlamaConfig(vocab_size=32000, d_model=1024, num_layers=8, num_heads=16, num_kv_heads=4,
@@ -119,6 +119,7 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
     lens = np.zeros((eng.B,), np.int32)
     lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
     inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
+    inp = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
     kv, state, last = eng.kv, eng.state, eng.last_tok
     bound = []
     for _ in range(3):
@@ -128,18 +129,24 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
             lens[:len(slots)] += 1
             hp = attention.host_plan_decode(eng.cache, lens, cfg.num_heads, options=eng.options,
                                             q_dtype=eng.cache.jnp_dtype, backend=eng.backend)
-            kv, state, last, toks, flags = fn(params, kv, state, last, inp, hp)
+            kv, state, last, out = fn(params, kv, state, last, inp, hp)
         jax.block_until_ready(last)
         bound.append((time.perf_counter() - t0) / (n_steps // 3))
-    assert bool(np.all(np.asarray(flags))), "device-bound loop: a plan or allocation check failed"
+    assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
     res = dict(shape=shape, batch=batch, ctx=ctx, served_ms=1e3 * statistics.median(served),
                device_bound_ms=1e3 * statistics.median(bound),
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng, kv, state, last
     if torch_too:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import torch_llama  # noqa: PLC0415 - benchmarks/torch_llama.py (torch + FlashInfer)
-        res.update(torch_llama.time_decode(cfg, jax.tree_util.tree_map(np.asarray, params),
-                                           batch=batch, ctx=ctx, steps=n_steps))
+        # the same weights (the JAX params moved to the host), run by torch + FlashInfer
+        host = jax.tree_util.tree_map(np.asarray, params)
+        del params
+        t = torch_llama.run_benchmark(cfg, batch, ctx, params=host, steps=min(n_steps, 30))
+        res.update(torch_eager_ms=t["decode"]["eager_ms"], torch_graph_ms=t["decode"]["graph_ms"],
+                   torch_graph_replay_only_ms=t["decode"]["graph_replay_only_ms"],
+                   torch_check=t["check"], torch_prefill_ms=t["prefill_ms"], torch_mixed=t["mixed"])
     return res
 
 

@@ -48,7 +48,7 @@ import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import sharding  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, param_shapes  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
-from seqattn_jax.serving.step import StepKind  # noqa: E402
+from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: E402
 
 CFG_8B = LlamaConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                      head_dim=128, ffn_dim=14336, rope_theta=500000.0, dtype="float16")
@@ -159,6 +159,7 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     lens = np.zeros((eng.B,), np.int32)
     lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
     inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
+    flat = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
     kv, state, last = eng.kv, eng.state, eng.last_tok
     eng.kv = eng.state = eng.last_tok = None      # donated below
     bound = []
@@ -168,10 +169,11 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
         for _ in range(n_steps // 3):
             lens[:len(slots)] += 1
             hp = eng._host_plan("decode", inp, lens, eng.config.chunk)
-            kv, state, last, toks, flags = fn(params, kv, state, last, inp, hp)
+            kv, state, last, out = fn(params, kv, state, last, flat, hp)
         jax.block_until_ready(last)
         bound.append((time.perf_counter() - t0) / (n_steps // 3))
-    assert bool(np.all(np.asarray(flags))), "device-bound loop: a plan or allocation check failed"
+    # the step's last two outputs are its flags (allocation ok, plan ok)
+    assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
     bound_ms, served_ms = 1e3 * statistics.median(bound), 1e3 * statistics.median(served)

@@ -23,10 +23,14 @@ Modules (arrows: backend -> ops -> providers; backend -> ffi):
 
 try:
     import torch  # noqa: F401
-except ImportError as e:   # pragma: no cover - depends on the environment
-    raise ImportError("seqattn_jax.bridge (the FlashInfer backend) needs torch: install it with "
-                      "pip install 'seqattn-jax[flashinfer]' (and a torch build matching your "
-                      "CUDA)") from e
+except ModuleNotFoundError as e:  # name what to install, not only the missing module
+    if e.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "seqattn_jax.bridge (the FlashInfer backend) needs torch: on a GPU, pip install "
+        "'seqattn-jax[flashinfer]' after the torch build for your CUDA (README, 'On an NVIDIA GPU'); "
+        "for the CPU mechanics tests, pip install torch --index-url "
+        "https://download.pytorch.org/whl/cpu", name="torch") from e
 
 from .backend import FlashInferBackend  # noqa: E402
 from .interop import jax_to_torch, torch_callback, torch_to_jax, xla_stream  # noqa: E402

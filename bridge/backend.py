@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqattn_jax import host_layout
+from seqattn_jax.config import FLASHINFER_HEAD_DIMS as _HEAD_DIMS
 from seqattn_jax.kv import check_pool, check_rows
 from seqattn_jax.plans import AttentionPlan, HostPlan
 
@@ -40,7 +41,7 @@ __all__ = ["CUDA_CORE_GROUP_SIZES", "FLASHINFER_HEAD_DIMS", "TENSOR_CORE_MIN_GRO
 TRANSPORTS = ("auto", "ffi", "callback")
 # Group sizes FlashInfer's CUDA-core decode kernel is compiled for (its DISPATCH_GQA).
 CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 6, 8, 16)
-FLASHINFER_HEAD_DIMS = (64, 128, 256)
+FLASHINFER_HEAD_DIMS = _HEAD_DIMS   # one copy: seqattn_jax.config
 # GQA group size from which decode_kernel="auto" takes the tensor-core kernel (FlashInfer's FA2
 # prefill kernel with one query per request): measured on Hopper, benchmarks/README.md.
 TENSOR_CORE_MIN_GROUP = 4

@@ -46,6 +46,7 @@ from seqattn_jax.state import (
     truncate,
     unref,
 )
+from seqattn_jax.validation import AllocatorError, ok, raise_for_status
 
 __version__ = "0.1.0"
 
@@ -63,4 +64,6 @@ __all__ = [
     # prefix cache and head ids
     "Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages",
     "HeadIDGenerator", "head_ids", "split_head_ids",
+    # the allocator's error surface
+    "AllocatorError", "ok", "raise_for_status",
 ]

@@ -44,6 +44,7 @@ from seqattn_jax.kv import scatter_kv
 from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch
 from seqattn_jax.plans import AttentionPlan, HostPlan, PlanMeta
+from seqattn_jax.validation import check_num_qo_heads
 
 __all__ = [
     "APPEND_IMPLS", "adopt_plan", "append_kv", "batch_decode", "batch_pod", "batch_prefill",
@@ -78,13 +79,6 @@ def _q_dtype_name(config: CacheConfig, q_dtype) -> str:
     return config.dtype if config.dtype in ("float16", "bfloat16", "float32") else "float16"
 
 
-def _check_heads(where: str, config: CacheConfig, num_qo_heads):
-    if isinstance(num_qo_heads, bool) or not isinstance(num_qo_heads, (int, np.integer)) or \
-            num_qo_heads < config.num_kv_heads or num_qo_heads % config.num_kv_heads:
-        raise ValueError(f"{where}: num_qo_heads must be a positive multiple of "
-                         f"config.num_kv_heads = {config.num_kv_heads}, got {num_qo_heads!r}")
-
-
 def _check_plan_id(where: str, plan_id):
     if isinstance(plan_id, bool) or not isinstance(plan_id, (int, np.integer)) or plan_id < 0:
         raise ValueError(f"{where}: plan_id must be an int >= 0, got {plan_id!r}")
@@ -96,7 +90,7 @@ def _meta(where, config, kind, num_qo_heads, *, options, q_dtype, backend, plan_
     if not isinstance(config, CacheConfig):
         raise ValueError(f"{where}: config must be a seqattn_jax.CacheConfig, got "
                          f"{type(config).__name__}")
-    _check_heads(where, config, num_qo_heads)
+    check_num_qo_heads(where, num_qo_heads, config)
     _check_plan_id(where, plan_id)
     options = _options(where, options)
     if kind == "decode" and not options.causal:   # decode has no causal flag: one value, so

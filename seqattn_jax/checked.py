@@ -1,14 +1,15 @@
-"""Checked mode: the allocator ops that raise instead of returning `ok` flags.
+"""Checked mode: the allocator ops (and packing) that raise instead of returning `Status` codes.
 
-Every op here runs its `*_status` twin from `seqattn_jax.state` under `jax.experimental.checkify`,
-jitted, and raises `checkify.JaxRuntimeError` naming the op, the reason, the request index and the
-offending id when any request fails (the state is then unchanged, as always). Use it in host-side
-schedulers and tests that prefer errors to flags:
+Every op here runs the op of the same name from `seqattn_jax.state` (jitted, cached per op) and,
+when any request failed, raises `seqattn_jax.AllocatorError` (a `ValueError`) through
+`validation.raise_for_status`: the message names the op and, for each failing request, its index, its
+id and the reason. The state is then unchanged, as always. For host-side schedulers and tests that
+prefer errors to codes:
 
     state = checked.allocate(state, seq_ids, new_lens)    # raises on failure, returns the state
 
-Inside your own jitted function, call `check_status(op_name, status, ids)` on a `*_status` result and
-wrap the function with `checkify.checkify` (see JAX's checkify documentation).
+Inside your own jitted function, call `check_status(op_name, status, ids)` on an op's status and
+wrap the function with `jax.experimental.checkify.checkify` (see JAX's checkify documentation).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from seqattn_jax import packing, state as st
-from seqattn_jax.state import STATUS_MESSAGES, Status
+from seqattn_jax.validation import STATUS_MESSAGES, AllocatorError, raise_for_status
 
 
 def check_status(op: str, status: jax.Array, ids: jax.Array) -> None:
-    """`checkify.check` that every entry of `status` is OK, naming the first failing request."""
+    """In-jit form: `checkify.check` that every entry of `status` is OK, naming the first failing
+    request (its index, id and reason). Wrap the caller with `checkify.checkify`."""
     for code, reason in STATUS_MESSAGES.items():
         bad = status == code
         i = jnp.argmax(bad)
@@ -32,71 +34,42 @@ def check_status(op: str, status: jax.Array, ids: jax.Array) -> None:
                        i=i, id=ids[i])
 
 
-def _checked(op_name: str, status_fn, ids_arg: int, num_outputs: int):
-    def body(*args):
-        out = status_fn(*args)
-        check_status(op_name, out[1], jnp.asarray(args[ids_arg], jnp.int32))
-        return out[0] if num_outputs == 1 else (out[0], *out[2:])
+def _checked(op_name: str, op, ids_arg: int):
+    jitted = jax.jit(op)
 
-    jitted = jax.jit(checkify.checkify(body))
-
-    @functools.wraps(status_fn)
+    @functools.wraps(op)
     def run(*args):
-        err, out = jitted(*args)
-        err.throw()
-        return out
+        out = jitted(*args)
+        raise_for_status(op_name, out[1], args[ids_arg])
+        return out[0] if len(out) == 2 else (out[0], *out[2:])
 
-    run.__doc__ = (f"Checked `seqattn_jax.state.{op_name}`: returns the new state"
-                   + (" and copies" if num_outputs > 1 else "")
-                   + "; raises checkify.JaxRuntimeError naming the failing request.")
+    run.__doc__ = (f"Checked `seqattn_jax.{op_name}`: the same arguments; returns the new state"
+                   + (" and copies" if op_name in ("truncate", "fork") else "")
+                   + "; raises AllocatorError naming every failing request.")
     return run
 
 
-allocate = _checked("allocate", st.allocate_status, 1, 1)
-allocate_decoding = _checked("allocate_decoding", st.allocate_decoding_status, 1, 1)
-release = _checked("release", st.release_status, 1, 1)
-truncate = _checked("truncate", st.truncate_status, 1, 2)
-fork = _checked("fork", st.fork_status, 2, 2)
-share_prefix = _checked("share_prefix", st.share_prefix_status, 1, 1)
-ref = _checked("ref", st.ref_status, 1, 1)
-unref = _checked("unref", st.unref_status, 1, 1)
+allocate = _checked("allocate", st.allocate, 1)
+allocate_decoding = _checked("allocate_decoding", st.allocate_decoding, 1)
+release = _checked("release", st.release, 1)
+truncate = _checked("truncate", st.truncate, 1)
+fork = _checked("fork", st.fork, 2)
+share_prefix = _checked("share_prefix", st.share_prefix, 1)
+ref = _checked("ref", st.ref, 1)
+unref = _checked("unref", st.unref, 1)
 
 
-def _pack_body(state, seq_ids, new_lens, max_tokens):
-    seq_ids = jnp.asarray(seq_ids, jnp.int32)
-    cfg = state.config
-    in_range = (seq_ids >= 0) & (seq_ids < cfg.max_seqs)
-    slot = jnp.where(in_range, seq_ids, cfg.max_seqs)
-    active = state.active.at[slot].get(mode="fill", fill_value=False)
-    lens = state.seq_lens.at[slot].get(mode="fill", fill_value=0)
-    i = jnp.argmax((seq_ids >= 0) & ~active)
-    checkify.check(jnp.all((seq_ids < 0) | active),
-                   "pack_for_flashinfer: request {i} (id {id}) is not an active slot",
-                   i=i, id=seq_ids[i])
-    if new_lens is not None:
-        new_lens = jnp.asarray(new_lens, jnp.int32)
-        i = jnp.argmax((seq_ids >= 0) & ((new_lens < 0) | (new_lens > lens)))
-        checkify.check(jnp.all((seq_ids < 0) | ((new_lens >= 0) & (new_lens <= lens))),
-                       "pack_for_flashinfer: new_lens[{i}] = {n} is not in [0, seq_len = {l}] "
-                       "(allocate the tokens first)", i=i, n=new_lens[i], l=lens[i])
-        total = jnp.sum(jnp.where(seq_ids >= 0, new_lens, 0))
-        checkify.check(total <= (max_tokens or seq_ids.shape[0]),
-                       "pack_for_flashinfer: sum(new_lens) = {t} exceeds max_tokens", t=total)
-    return packing.pack_for_flashinfer(state, seq_ids, new_lens, max_tokens=max_tokens)
+# new_lens / kv_lens of None and of an array are different pytrees, so jit keys on them itself.
+_pack_jit = jax.jit(packing.pack_for_flashinfer, static_argnames=("max_tokens",))
 
 
-@functools.lru_cache(maxsize=None)
-def _checked_pack(max_tokens, decode: bool):
-    del decode  # part of the cache key: None and an array trace differently
-    return jax.jit(checkify.checkify(functools.partial(_pack_body, max_tokens=max_tokens)))
-
-
-def pack_for_flashinfer(state: st.CacheState, seq_ids, new_lens=None, *, max_tokens=None):
-    """Checked `pack_for_flashinfer`: raises if a valid id names an inactive slot, if
-    `new_lens[i]` is outside `[0, seq_len]`, or if the tokens do not fit `max_tokens` rows."""
-    err, out = _checked_pack(max_tokens, new_lens is None)(state, seq_ids, new_lens)
-    err.throw()
-    return out
+def pack_for_flashinfer(state: st.CacheState, seq_ids, new_lens=None, *, max_tokens=None, kv_lens=None):
+    """Checked `pack_for_flashinfer`: the same arguments; raises AllocatorError if any request could
+    not be packed (an id that is not an active slot or repeats, `new_lens` / `kv_lens` out of range,
+    more tokens than `max_tokens` rows)."""
+    packed = _pack_jit(state, seq_ids, new_lens, max_tokens=max_tokens, kv_lens=kv_lens)
+    raise_for_status("pack_for_flashinfer", packed.status, seq_ids)
+    return packed
 
 
 def check_plan(plan) -> None:
@@ -107,5 +80,5 @@ def check_plan(plan) -> None:
                    "for another step)")
 
 
-__all__ = ["Status", "allocate", "allocate_decoding", "check_plan", "check_status", "fork",
+__all__ = ["AllocatorError", "allocate", "allocate_decoding", "check_plan", "check_status", "fork",
            "pack_for_flashinfer", "ref", "release", "share_prefix", "truncate", "unref"]

@@ -21,6 +21,11 @@ import numpy as np
 KV_LAYOUTS = ("NHD", "HND")
 # dtypes the pool may hold. fp8 pools are storage only for the reference backend (it upcasts).
 KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+# What FlashInfer's kernels (0.7.2.post1, as this package builds them) run; the reference backend
+# runs any head_dim, page_size and dtype above. `CacheConfig.flashinfer_unsupported_reason` says
+# which of a config's fields rules FlashInfer out.
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+FLASHINFER_KV_DTYPES = ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 # Page ids of every layer must fit an int32 index.
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -46,6 +51,12 @@ class CacheConfig:
       dtype: the pool's dtype, a name such as "float16" or anything `np.dtype` accepts
         (stored as its name so the config stays hashable).
       kv_layout: "NHD" (page, token, head, dim) or "HND" (page, head, token, dim).
+
+    Any positive sizes are accepted: the pure-JAX reference backend runs them all. FlashInfer's
+    kernels need head_dim in {64, 128, 256} and a float16 / bfloat16 (or fp8, decode only) pool;
+    any page_size, head count and layout (`flashinfer_unsupported_reason()` says what rules a
+    config out). With `backend="auto"` such a config runs on the reference backend with a warning;
+    `backend="flashinfer"` raises at plan time.
     """
 
     num_pages: int
@@ -84,6 +95,17 @@ class CacheConfig:
                 f"not fit int32")
         if self.max_seqs * self.max_pages_per_seq > _INT32_MAX:
             raise ValueError("CacheConfig: max_seqs * max_pages_per_seq does not fit int32")
+
+    def flashinfer_unsupported_reason(self) -> str | None:
+        """Why FlashInfer's kernels cannot run this cache whatever the queries and options (a
+        message naming the field and what is allowed), or None. Per-call limits (query dtype, GQA
+        group, options) are checked when a plan is made."""
+        if self.dtype not in FLASHINFER_KV_DTYPES:
+            return (f"CacheConfig.dtype={self.dtype!r}: FlashInfer's kernels take {FLASHINFER_KV_DTYPES} "
+                    f"pools (fp8: decode only)")
+        if self.head_dim not in FLASHINFER_HEAD_DIMS:
+            return f"CacheConfig.head_dim={self.head_dim}: FlashInfer is compiled for head_dim in {FLASHINFER_HEAD_DIMS}"
+        return None
 
     @property
     def max_seq_len(self) -> int:

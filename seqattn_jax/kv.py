@@ -15,33 +15,29 @@ import jax.numpy as jnp
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.packing import PackedBatch
+from seqattn_jax.validation import check_config, check_layer, check_pool, check_row_dtype, check_same_pages
+
+__all__ = ["append_kv", "check_pool", "check_rows", "copy_pages", "init_kv", "scrub_pages", "stacked_rows"]
 
 
 def init_kv(config: CacheConfig) -> jax.Array:
     """A zero-filled pool of shape `config.kv_shape` and dtype `config.dtype`."""
+    check_config(config, "init_kv")
     return jnp.zeros(config.kv_shape, config.jnp_dtype)
-
-
-def check_pool(config: CacheConfig, kv, where: str = "kv") -> None:
-    """Trace-time check that `kv` is this config's pool (shape and dtype)."""
-    if not isinstance(config, CacheConfig):
-        raise ValueError(f"{where}: config must be a CacheConfig, got {type(config).__name__}")
-    if tuple(kv.shape) != config.kv_shape:
-        raise ValueError(f"{where}: kv must have shape {config.kv_shape} ({config.kv_layout}, "
-                         f"num_layers * num_pages rows), got {tuple(kv.shape)}")
-    if kv.dtype != config.jnp_dtype:
-        raise ValueError(f"{where}: kv must have dtype {config.dtype}, got {kv.dtype}")
-
-
-def _check_layer(config: CacheConfig, layer, where: str):
-    if isinstance(layer, int) and not 0 <= layer < config.num_layers:
-        raise ValueError(f"{where}: layer must be in [0, {config.num_layers}), got {layer}")
-    return jnp.asarray(layer, jnp.int32)
 
 
 def check_rows(config: CacheConfig, packed: PackedBatch, keys, values, where: str) -> None:
     """`keys, values` are [T, Hkv, D] each, or `values` is None and `keys` the stacked rows
-    [T, 2, Hkv, D] (K at [:, 0], V at [:, 1]); T = `packed.num_token_rows`."""
+    [T, 2, Hkv, D] (K at [:, 0], V at [:, 1]); T = `packed.num_token_rows`. Their dtype is the
+    pool's (fp8 pools also take fp16/bf16/fp32 rows), and `packed` addresses this config's pages."""
+    if not isinstance(packed, PackedBatch):
+        raise ValueError(f"{where}: packed must be a seqattn_jax.PackedBatch, got {type(packed).__name__}")
+    check_same_pages(where, config, packed.config, "packed (through its state)")
+    for name, x in (("keys", keys), ("values", values)):
+        if x is not None:
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                raise ValueError(f"{where}: {name} must be an array, got {type(x).__name__}")
+            check_row_dtype(config, name, x, where)
     t, h, d = packed.num_token_rows, config.num_kv_heads, config.head_dim
     if values is None:
         if tuple(keys.shape) != (t, 2, h, d):
@@ -66,7 +62,8 @@ def scatter_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, la
 
     Args:
       kv: the pool (`config.kv_shape`).
-      keys, values: [T, Hkv, D] with T = `packed.num_token_rows`; cast to the pool dtype. Padding
+      keys, values: [T, Hkv, D] with T = `packed.num_token_rows`, in the pool's dtype (an fp8 pool
+        also takes fp16/bf16/fp32 rows and quantizes them; any other dtype is an error). Padding
         rows (`packed.positions == -1`) are not written. Or `values=None` and `keys` the stacked
         rows [T, 2, Hkv, D] (K then V, e.g. a fused KV projection's output reshaped): this skips
         the stack copy per call (on an H200 the gain was within run-to-run noise in a step).
@@ -76,7 +73,7 @@ def scatter_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, la
     """
     check_pool(config, kv, "append_kv")
     kvs = stacked_rows(config, packed, keys, values, "append_kv").astype(kv.dtype)  # [T,2,Hkv,D]
-    layer = _check_layer(config, layer, "append_kv")
+    layer = check_layer(config, layer, "append_kv")
     total = config.num_layers * config.num_pages
     page = jnp.where(packed.token_pages >= 0, packed.token_pages + layer * config.num_pages, total)
     off = jnp.maximum(packed.token_offsets, 0)

@@ -9,7 +9,8 @@ and donated, like the `CacheState` (state in, state out), so XLA updates it in p
 
     @functools.partial(jax.jit, donate_argnums=(1, 2))
     def decode_step(params, kv, state, tokens, seq_ids):
-        state, ok = seqattn_jax.allocate_decoding(state, seq_ids)
+        state, status = seqattn_jax.allocate_decoding(state, seq_ids)
+        ok = seqattn_jax.ok(status)
         packed = seqattn_jax.pack_for_flashinfer(state, seq_ids)
         model = nnx.merge(graphdef, params)
         plan = attn.plan(packed, mode="decode")                    # once per step, every layer
@@ -39,7 +40,14 @@ reference backend's plans are free, so the same model code runs on both).
 
 from __future__ import annotations
 
-from flax import nnx
+try:
+    from flax import nnx
+except ModuleNotFoundError as e:  # name the extra, not only the missing module
+    if e.name != "flax" and not (e.name or "").startswith("flax."):
+        raise
+    raise ModuleNotFoundError(
+        "seqattn_jax.nnx needs Flax: pip install 'seqattn-jax[example]' (or pip install flax)",
+        name=e.name) from e
 
 from seqattn_jax import attention, backend as backend_mod
 from seqattn_jax.config import CacheConfig

@@ -13,7 +13,12 @@ Conventions (FlashInfer's, see ../shared/notes/flashinfer.md):
     rows past `qo_indptr[B]` are padding. A decode batch (`new_lens=None`) has one row per request,
     row b = request b (`qo_indptr = arange(B + 1)`), padding requests included (their row is unused).
   * padding requests (seq_id < 0) hold no pages, `kv_last_page_len == 0`, `seq_lens == 0`, and no
-    rows (a prefill batch) or an unused row (a decode batch).
+    rows (a prefill batch) or an unused row (a decode batch). A request that cannot be packed (an id
+    that is not an active slot, a repeated id, a bad length) is packed as padding and reported in
+    `status` (`seqattn_jax.Status` codes): `sj.ok(packed.status)`, or `checked.pack_for_flashinfer`
+    raises.
+  * chunked prefill: `kv_lens` gives each request's KV length after this chunk when the state holds
+    more (the whole prompt was allocated up front); by default it is the state's length.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from seqattn_jax.config import CacheConfig
+from seqattn_jax.validation import Status, as_ids, check_state, first_error
 
 
 @jax.tree_util.register_dataclass
@@ -40,6 +48,10 @@ class PackedBatch:
       positions: [T] position of each token row in its sequence; -1 for padding rows.
       token_pages: [T] layer-0 page id that holds each token row; -1 for padding rows.
       token_offsets: [T] slot of the token inside that page, `0..page_size-1`; -1 for padding rows.
+      status: [B] `Status` per request (OK, or why it was packed as padding); None when the batch
+        was built by hand.
+      config: the `CacheConfig` of the state it was packed from (static; None when built by hand).
+        Ops that write or read the pool check that it addresses the same pages as the pool's config.
     """
 
     seq_ids: jax.Array
@@ -52,6 +64,8 @@ class PackedBatch:
     positions: jax.Array
     token_pages: jax.Array
     token_offsets: jax.Array
+    status: jax.Array | None = None
+    config: CacheConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def batch_size(self) -> int:
@@ -72,32 +86,41 @@ class PackedBatch:
         return self.kv_page_indices + jnp.asarray(layer, jnp.int32) * jnp.int32(num_pages)
 
 
-def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None = None) -> PackedBatch:
+def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None = None,
+                        kv_lens=None) -> PackedBatch:
     """Pack the page tables of `seq_ids` into FlashInfer's CSR format.
 
     Args:
       state: a `CacheState` whose `seq_lens` already count this step's tokens (allocate first).
-      seq_ids: int32 [B] slots; ids < 0, ids >= max_seqs and inactive slots are padding requests
-        (no pages, no token rows: attention outputs 0 for them).
+      seq_ids: int32 [B] slots; ids < 0 are padding requests (no pages, no token rows: attention
+        outputs 0 for them). An id >= max_seqs, an inactive slot or a repeated id is packed as
+        padding too, and `status` says so (BAD_SLOT, INACTIVE, DUPLICATE): its rows are never
+        written, so a repeated id cannot write one position twice.
       new_lens: int32 [B] tokens appended this step per request (the queries of a prefill chunk),
-        laid out back to back in request order; values are clipped to `[0, seq_len]`. None means a
-        decode step: one token per valid request, in row b for request b.
+        laid out back to back in request order. None means a decode step: one token per valid
+        request, in row b for request b.
       max_tokens: static T, the number of token rows (the leading dim of the step's q/k/v). Defaults
-        to B when `new_lens` is None; required otherwise. Tokens past row T are not packed: keep
-        `sum(new_lens) <= max_tokens` (`seqattn_jax.checked.pack_for_flashinfer` raises otherwise).
+        to B when `new_lens` is None; required otherwise.
+      kv_lens: int32 [B] or None: each request's KV length after this step's tokens, for a chunked
+        prefill whose state already holds the whole prompt (the chunk's tokens sit at positions
+        `kv_lens[b] - new_lens[b] ..`, attention reads `kv_lens[b]` tokens). Must be in
+        `[new_lens[b], seq_len]`. None: the state's `seq_lens`.
     Returns:
-      A `PackedBatch` with shapes fixed by B, T and the config.
+      A `PackedBatch` with shapes fixed by B, T and the config. A request fails (packed as padding,
+      `status[b] != OK`) if its id is not an active slot or repeats (see above), if `new_lens[b]` or
+      `kv_lens[b]` is out of range (BAD_LENGTH), or if its tokens do not fit the T rows (TOO_LONG).
+      `sj.ok(packed.status)` is True iff every request was packed; the others are packed either way.
     """
-    from seqattn_jax.state import _as_ids, _check_state, cumsum  # noqa: PLC0415 - avoids an import cycle
+    from seqattn_jax.state import _slot_checks, cumsum  # noqa: PLC0415 - avoids an import cycle
 
-    state = _check_state(state)
+    state = check_state(state, "pack_for_flashinfer")
     cfg = state.config
-    seq_ids = _as_ids("pack_for_flashinfer: seq_ids", seq_ids)
+    seq_ids = as_ids("pack_for_flashinfer: seq_ids", seq_ids)
     B, M, ps = seq_ids.shape[0], cfg.max_pages_per_seq, cfg.page_size
     if new_lens is None:
         T = B if max_tokens is None else max_tokens
     else:
-        new_lens = _as_ids("pack_for_flashinfer: new_lens", new_lens)
+        new_lens = as_ids("pack_for_flashinfer: new_lens", new_lens)
         if new_lens.shape != seq_ids.shape:
             raise ValueError(f"pack_for_flashinfer: new_lens must have shape {seq_ids.shape}, "
                              f"got {new_lens.shape}")
@@ -107,12 +130,36 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
         T = max_tokens
     if isinstance(T, bool) or not isinstance(T, int) or T <= 0:
         raise ValueError(f"pack_for_flashinfer: max_tokens must be a positive Python int, got {T!r}")
+    if kv_lens is not None:
+        kv_lens = as_ids("pack_for_flashinfer: kv_lens", kv_lens)
+        if kv_lens.shape != seq_ids.shape:
+            raise ValueError(f"pack_for_flashinfer: kv_lens must have shape {seq_ids.shape}, "
+                             f"got {kv_lens.shape}")
 
-    in_range = (seq_ids >= 0) & (seq_ids < cfg.max_seqs)
-    slot = jnp.where(in_range, seq_ids, cfg.max_seqs)
-    valid = in_range & state.active.at[slot].get(mode="fill", fill_value=False)
+    is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
+    # Every occurrence of a repeated id fails (none is silently preferred), so no token row of
+    # either can write a position the other also writes.
+    active = state.active.at[slot].get(mode="fill", fill_value=False)
+    held = jnp.where(active, state.seq_lens.at[slot].get(mode="fill", fill_value=0), 0)
+    lens = held if kv_lens is None else kv_lens
+    new_req = jnp.ones_like(seq_ids) if new_lens is None else new_lens
+    bad_len = (new_req < 0) | (new_req > lens) | (lens > held) | (lens < 0)
+    pre = first_error(
+        (is_req & ~in_range, Status.BAD_SLOT),
+        (dup, Status.DUPLICATE),
+        (is_req & ~active, Status.INACTIVE),
+        (is_req & bad_len, Status.BAD_LENGTH),
+    )
+    valid = is_req & (pre == Status.OK)
+    new = jnp.where(valid, new_req, 0)
+    if new_lens is None:
+        overflow = valid & (jnp.arange(B, dtype=jnp.int32) >= T)  # decode: row b = request b
+    else:
+        overflow = valid & (cumsum(new) > T)
+    status = jnp.where(overflow, jnp.int32(Status.TOO_LONG), pre)
+    valid = valid & ~overflow
     out_ids = jnp.where(valid, seq_ids, -1)
-    lens = jnp.where(valid, state.seq_lens.at[slot].get(mode="fill", fill_value=0), 0)
+    lens = jnp.where(valid, lens, 0)
     npages = cfg.pages_for(lens)
     zero = jnp.zeros((1,), jnp.int32)
     kv_indptr = jnp.concatenate([zero, cumsum(npages)])
@@ -133,7 +180,7 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
         b = jnp.minimum(t, B - 1)
         row_ok = (t < B) & valid[b]
     else:
-        new = jnp.where(valid, jnp.clip(new_lens, 0, lens), 0)
+        new = jnp.where(valid, new, 0)
         qo_indptr = jnp.concatenate([zero, cumsum(new)])
         # Token row t belongs to request b = #{requests whose rows end at or before t}.
         b = jnp.minimum(jnp.sum(qo_indptr[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32), B - 1)
@@ -152,4 +199,6 @@ def pack_for_flashinfer(state, seq_ids, new_lens=None, *, max_tokens: int | None
         positions=jnp.where(row_ok, pos, neg),
         token_pages=jnp.where(row_ok, page, neg),
         token_offsets=jnp.where(row_ok, pos % ps, neg),
+        status=status,
+        config=cfg,
     )

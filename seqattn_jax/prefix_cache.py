@@ -13,7 +13,7 @@ function of `CacheState` (all-or-nothing, like the core ops); only the index liv
     ...                          # write its K/V (append_kv), then:
     state = cache.insert_slots(state, [slot], [prompt], ["tenant-a"])
     ...
-    state, ok, kv = cache.release(state, [slot])      # the cache keeps the prompt's full pages
+    state, status, kv = cache.release(state, [slot])  # the cache keeps the prompt's full pages
 
 Design: an exact-key hash chain over full pages
 -----------------------------------------------
@@ -87,15 +87,8 @@ import numpy as np
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import scrub_pages
-from seqattn_jax.state import (
-    CacheState,
-    Status,
-    allocate_status,
-    ref_status,
-    release_status,
-    share_prefix_status,
-    unref_status,
-)
+from seqattn_jax.state import CacheState, Status, allocate, ref, release, share_prefix, unref
+from seqattn_jax.validation import check_config, check_state
 
 __all__ = ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages"]
 
@@ -124,9 +117,9 @@ def _select(apply, new, old):
 
 def _admit_body(state, evict_ids, slots, prefix_pages, prefix_tokens, new_tokens):
     """unref(evict_ids); share_prefix(slots, prefix); allocate(slots, rest) — all or nothing."""
-    st1, ev_status = unref_status(state, evict_ids)
-    st2, share_status = share_prefix_status(st1, slots, prefix_pages, prefix_tokens)
-    st3, alloc_status = allocate_status(st2, slots, new_tokens)
+    st1, ev_status = unref(state, evict_ids)
+    st2, share_status = share_prefix(st1, slots, prefix_pages, prefix_tokens)
+    st3, alloc_status = allocate(st2, slots, new_tokens)
     status = jnp.where(share_status != Status.OK, share_status, alloc_status)
     apply = jnp.all(ev_status == Status.OK) & jnp.all(status == Status.OK)
     # Freed by the evictions, before the allocation may hand the same pages out again.
@@ -140,7 +133,7 @@ def _admit_scrub_body(state, kv, *args):
 
 
 def _evict_body(state, page_ids):
-    new, status = unref_status(state, page_ids)
+    new, status = unref(state, page_ids)
     return new, status, freed_pages(state, new)
 
 
@@ -151,7 +144,7 @@ def _evict_scrub_body(state, kv, page_ids):
 
 def _release_body(state, slots):
     rows = _slot_rows(state, slots)[0]  # the released pages, for the LRU clock
-    new, status = release_status(state, slots)
+    new, status = release(state, slots)
     return new, status, freed_pages(state, new), rows
 
 
@@ -166,7 +159,7 @@ _evict_jit = jax.jit(_evict_body)
 _evict_scrub_jit = jax.jit(_evict_scrub_body, donate_argnums=1)
 _release_jit = jax.jit(_release_body)
 _release_scrub_jit = jax.jit(_release_scrub_body, donate_argnums=1)
-_ref_jit = jax.jit(ref_status)
+_ref_jit = jax.jit(ref)
 _slot_rows_jit = jax.jit(_slot_rows)
 
 
@@ -190,12 +183,12 @@ class Admission(NamedTuple):
 
     Attributes:
       state: the new `CacheState` (the input state when the call failed).
-      ok: bool, or bool [B] for a batch. All-or-nothing like the core ops: if any request fails,
-        nothing is applied (no sharing, no eviction, no allocation, no cache change) and `ok[i]` is
-        False for each failing request, True for the others.
+      ok: bool: whether the call was applied. All-or-nothing like the core ops: if any request
+        fails, nothing is applied (no sharing, no eviction, no allocation, no cache change) and
+        `status` names each failing request (`status[i] != Status.OK`).
       num_cached: int (or int32 [B]) prompt tokens taken from the cache, a multiple of page_size;
         prefill positions `num_cached .. len(prompt) - 1`. 0 where nothing was applied.
-      status: int32 [B] `Status` codes (OK = 0) of each request.
+      status: int32 [B] `Status` codes (OK = 0) of each request (one entry for `admit`).
       evicted: int32 [n] pages evicted from the cache to make room (empty on failure).
       kv: the (scrubbed) pool when `kv=` was given, else None.
     """
@@ -279,9 +272,7 @@ class PrefixCache:
     """
 
     def __init__(self, config: CacheConfig, *, scrub_on_free: bool = False):
-        if not isinstance(config, CacheConfig):
-            raise ValueError(f"PrefixCache: config must be a CacheConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = check_config(config, "PrefixCache")
         self.scrub_on_free = bool(scrub_on_free)
         P = config.num_pages
         self._index: dict[tuple, int] = {}
@@ -434,8 +425,7 @@ class PrefixCache:
             raise ValueError(f"PrefixCache.{where}: scrub_on_free=True needs kv= (the pool to scrub)")
 
     def _check_state(self, state):
-        if not isinstance(state, CacheState):
-            raise ValueError(f"state must be a CacheState, got {type(state).__name__}")
+        check_state(state, "PrefixCache")
         if state.config != self.config:
             raise ValueError("state.config is not this PrefixCache's config")
 
@@ -487,7 +477,7 @@ class PrefixCache:
         `num_cached ..`. All-or-nothing: on failure state and cache are unchanged. Returns an
         `Admission` with scalar `ok` / `num_cached`."""
         res = self.admit_batch(state, [slot], [prompt], [namespace], kv=kv)
-        return res._replace(ok=bool(res.ok[0]), num_cached=int(res.num_cached[0]))
+        return res._replace(num_cached=int(res.num_cached[0]))
 
     def admit_batch(self, state: CacheState, slots, prompts: Sequence, namespaces=None, *,
                     kv=None) -> Admission:
@@ -497,7 +487,7 @@ class PrefixCache:
           slots: int [B] distinct inactive slots; < 0 = padding (its prompt is ignored).
           prompts: B 1-D int token sequences. namespaces: None or B hashables.
         Returns:
-          `Admission` with ok bool [B], num_cached int32 [B], status int32 [B]. All-or-nothing:
+          `Admission` with ok bool, num_cached int32 [B], status int32 [B]. All-or-nothing:
           if any request fails (slot active, too long, out of pages even after evicting every
           evictable page, ...) nothing changes — neither the state, nor the cache (no eviction, no
           LRU update).
@@ -551,9 +541,8 @@ class PrefixCache:
             raise RuntimeError("PrefixCache.admit_batch: the cache is out of sync with the state "
                                "(unref of cached pages failed); was a cached page unref'd outside "
                                "the cache?")
-        ok = status == Status.OK
-        if not ok.all():
-            return Admission(state, ok, np.zeros((B,), np.int32), status, np.zeros((0,), np.int32), kv)
+        if np.any(status != Status.OK):
+            return Admission(state, False, np.zeros((B,), np.int32), status, np.zeros((0,), np.int32), kv)
         self._commit_evict(plan)
         for pages in paths:
             self._touch(pages)
@@ -563,7 +552,7 @@ class PrefixCache:
         st.hits += int(np.sum(valid & (prefix_tokens > 0)))
         st.prompt_tokens += int(np.sum(prefix_tokens + new_tokens))
         st.cached_tokens += int(np.sum(prefix_tokens))
-        return Admission(new, ok, prefix_tokens, status, np.asarray(plan, np.int32), kv)
+        return Admission(new, True, prefix_tokens, status, np.asarray(plan, np.int32), kv)
 
     # -------------------------------------------------------------- insertion
 
@@ -684,7 +673,7 @@ class PrefixCache:
         it frees are zeroed in the returned pool. Cached pages keep the cache's reference and
         stay, and count as used now for LRU (a page is in use until its last request ends, as in
         vLLM; releasing through `seqattn_jax.release` directly leaves them at their last admission).
-        Returns (state, ok bool [B], kv)."""
+        Returns (state, status int32 [B], kv), all-or-nothing like `seqattn_jax.release`."""
         self._check_state(state)
         self._need_kv(kv, "release")
         slots = np.asarray(slots, np.int32).reshape(-1)
@@ -692,9 +681,9 @@ class PrefixCache:
             new, status, kv, rows = _release_scrub_jit(state, kv, slots)
         else:
             new, status, _, rows = _release_jit(state, slots)
-        ok = np.asarray(status) == Status.OK
-        if ok.all():
+        status = np.asarray(status)
+        if np.all(status == Status.OK):
             pages = np.asarray(rows)[slots >= 0].reshape(-1)
             pages = pages[pages >= 0]
             self._touch_chains(pages[self._cached[pages]])
-        return new, ok, kv
+        return new, status, kv

@@ -81,6 +81,7 @@ from seqattn_jax import options
 from seqattn_jax.config import KV_LAYOUTS, CacheConfig
 from seqattn_jax.options import POS_ENCODING_MODES, is_number as _is_number
 from seqattn_jax.packing import PackedBatch
+from seqattn_jax.validation import check_config, check_layer, check_same_pages
 
 __all__ = ["POS_ENCODING_MODES", "Q_DTYPES", "alibi_slopes", "batch_decode", "batch_prefill",
            "batch_pod", "pod"]
@@ -159,8 +160,7 @@ def _check_array(name: str, x):
 
 
 def _check_config_kv(config, kv):
-    if not isinstance(config, CacheConfig):
-        raise ValueError(f"config must be a seqattn_jax.CacheConfig, got {type(config).__name__}")
+    check_config(config, "reference")
     if config.kv_layout not in KV_LAYOUTS:
         raise ValueError(f"config.kv_layout must be one of {KV_LAYOUTS}, got {config.kv_layout!r}")
     _check_array("kv", kv)
@@ -188,10 +188,11 @@ def _check_q(name: str, q, config: CacheConfig, rows: int | None, rows_what: str
         raise ValueError(f"{name}.shape[0] must be {rows_what} = {rows}, got {q.shape[0]}")
 
 
-def _check_packed(name: str, packed) -> int:
-    """Checks the CSR arrays the kernels read; returns the batch size B."""
+def _check_packed(name: str, packed, config: CacheConfig) -> int:
+    """Checks the CSR arrays the kernels read and that they address `config`'s pages; returns B."""
     if not isinstance(packed, PackedBatch):
         raise ValueError(f"{name} must be a seqattn_jax.PackedBatch, got {type(packed).__name__}")
+    check_same_pages(name, config, packed.config, f"{name} (through its state)")
     b = packed.batch_size
     expected = {"kv_page_indptr": (b + 1,), "qo_indptr": (b + 1,), "kv_last_page_len": (b,)}
     for field, shape in expected.items():
@@ -209,17 +210,7 @@ def _check_packed(name: str, packed) -> int:
 
 
 def _check_layer(config: CacheConfig, layer):
-    """`layer` as an int32 scalar; Python ints are range-checked (traced ones cannot be)."""
-    if isinstance(layer, (bool, np.bool_)):
-        raise ValueError(f"layer must be an int or an int32 scalar array, got {layer!r}")
-    if isinstance(layer, (int, np.integer)):
-        if not 0 <= layer < config.num_layers:
-            raise ValueError(f"layer must be in [0, config.num_layers = {config.num_layers}), got {layer}")
-        return jnp.int32(layer)
-    if hasattr(layer, "shape") and hasattr(layer, "dtype") and layer.shape == () \
-            and jnp.issubdtype(layer.dtype, jnp.integer):
-        return jnp.asarray(layer, _I32)
-    raise ValueError(f"layer must be an int or an integer scalar array, got {layer!r}")
+    return check_layer(config, layer, "reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +427,7 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, sm
         pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
         return_lse=return_lse)
     _check_config_kv(config, kv)
-    b = _check_packed("packed", packed)
+    b = _check_packed("packed", packed, config)
     _check_q("q", q, config, b, "packed.batch_size (one query per request)")
     layer = _check_layer(config, layer)
     out, lse = _decode_core(config, variant, q, kv, packed, layer, scalars)
@@ -465,7 +456,7 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *, layer=0, c
         pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
         return_lse=return_lse)
     _check_config_kv(config, kv)
-    _check_packed("packed", packed)
+    _check_packed("packed", packed, config)
     _check_q("q", q, config, packed.num_token_rows, "packed.num_token_rows (T)")
     layer = _check_layer(config, layer)
     causal = _check_bool("causal", causal)
@@ -501,7 +492,7 @@ def pod(config: CacheConfig, q_p, k_p, v_p, q_d, kv, packed_d: PackedBatch, *, l
         pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
         return_lse=return_lse)
     _check_config_kv(config, kv)
-    b = _check_packed("packed_d", packed_d)
+    b = _check_packed("packed_d", packed_d, config)
     _check_q("q_p", q_p, config, None, "Tp")
     _check_q("q_d", q_d, config, b, "packed_d.batch_size (one query per request)")
     if q_p.shape[1] != q_d.shape[1]:
@@ -546,8 +537,8 @@ def batch_pod(config: CacheConfig, q_p, packed_p: PackedBatch, q_d, packed_d: Pa
         pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
         return_lse=return_lse)
     _check_config_kv(config, kv)
-    _check_packed("packed_p", packed_p)
-    b_d = _check_packed("packed_d", packed_d)
+    _check_packed("packed_p", packed_p, config)
+    b_d = _check_packed("packed_d", packed_d, config)
     _check_q("q_p", q_p, config, packed_p.num_token_rows, "packed_p.num_token_rows (T)")
     _check_q("q_d", q_d, config, b_d, "packed_d.batch_size (one query per request)")
     if q_p.shape[1] != q_d.shape[1]:

@@ -1,7 +1,7 @@
 """`CacheState` and the functional, jit-compatible page allocator.
 
 The state is a pytree of small int32/bool arrays; every operation is a pure function
-`op(state, ...) -> (state, ok, ...)` (optax's shape: explicit state, no hidden mutation), vectorised
+`op(state, ...) -> (state, status, ...)` (optax's shape: explicit state, no hidden mutation), vectorised
 over the batch with fixed shapes, so it runs inside `jax.jit` and compiles once per batch size.
 
 Semantics every operation keeps (checked by tests/test_state_props.py against a plain-Python model):
@@ -12,55 +12,29 @@ Semantics every operation keeps (checked by tests/test_state_props.py against a 
     Inactive slots hold nothing (`seq_lens == 0`, row all -1).
   * A partly filled last page is never shared (refcount 1): `fork` copies it and `truncate` copies a
     shared page it cuts into (copy-on-write), so a write never reaches another sequence's tokens.
-  * All-or-nothing: if any request of a call fails, the returned state is the input state and
-    `ok[i]` is False for each failing request (the others read True). Padding requests (id < 0) are
-    ignored and always read True.
+  * All-or-nothing: every op returns int32 `Status` codes [B], one per request. If any request
+    fails, the returned state IS the input state: `ok(status)` (a bool scalar) says whether the call
+    was applied, and `status[i] != Status.OK` marks each request that caused the refusal. Padding
+    requests (id < 0) are ignored and read `Status.OK`.
 
-Each op also has a `*_status` twin returning int32 `Status` codes instead of `ok`; `seqattn_jax.checked`
-turns those codes into exceptions that name the slot.
+`seqattn_jax.validation` holds `Status`, `ok`, `raise_for_status` and the argument checks;
+`seqattn_jax.checked` runs these ops and raises instead (checked mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
 import jax.numpy as jnp
 
 from seqattn_jax.config import CacheConfig
+from seqattn_jax.validation import (STATUS_MESSAGES, Status, as_ids, check_config, check_state, first_error,
+                                   ok, same_shape)
 
+__all__ = ["STATUS_MESSAGES", "CacheState", "Status", "allocate", "allocate_decoding", "fork", "init_state",
+           "ok", "ref", "release", "share_prefix", "state_from_page_table", "truncate", "unref"]
 
-class Status(enum.IntEnum):
-    """Why a request of an allocator call failed (int32 codes; `OK` = 0)."""
-
-    OK = 0
-    BAD_SLOT = 1  # sequence id >= config.max_seqs
-    DUPLICATE = 2  # the same slot twice in one call
-    INACTIVE = 3  # the op needs an existing sequence, the slot holds none
-    ACTIVE = 4  # the op needs a free slot, the slot already holds a sequence
-    TOO_LONG = 5  # would exceed config.max_pages_per_seq pages
-    OUT_OF_PAGES = 6  # not enough free pages for this request (and those before it)
-    BAD_LENGTH = 7  # negative length, truncation past the end, or a prefix not page-aligned
-    BAD_PAGE = 8  # page id outside [0, num_pages)
-    FREE_PAGE = 9  # ref/unref/share of a page that is not allocated
-    PAGE_HELD = 10  # unref would free a page a sequence still holds
-    PARTIAL_PAGE = 11  # ref of a sequence's partly filled last page (it will still be written)
-
-
-STATUS_MESSAGES = {
-    Status.BAD_SLOT: "sequence id is not a slot in [0, max_seqs)",
-    Status.DUPLICATE: "the same sequence id appears twice in one call",
-    Status.INACTIVE: "the slot holds no sequence",
-    Status.ACTIVE: "the slot already holds a sequence",
-    Status.TOO_LONG: "the sequence would need more than max_pages_per_seq pages",
-    Status.OUT_OF_PAGES: "not enough free pages",
-    Status.BAD_LENGTH: "invalid length",
-    Status.BAD_PAGE: "page id is not in [0, num_pages)",
-    Status.FREE_PAGE: "page is not allocated (refcount 0)",
-    Status.PAGE_HELD: "unref would free a page that a sequence still holds",
-    Status.PARTIAL_PAGE: "page is a sequence's partly filled last page, which is still written",
-}
 
 _I32 = jnp.int32
 
@@ -106,8 +80,7 @@ class CacheState:
 
 def init_state(config: CacheConfig) -> CacheState:
     """An empty cache: every page free, every slot inactive."""
-    if not isinstance(config, CacheConfig):
-        raise ValueError(f"init_state: config must be a CacheConfig, got {type(config).__name__}")
+    check_config(config, "init_state")
     return state_from_page_table(config, jnp.full((config.max_seqs, config.max_pages_per_seq), -1, _I32),
                                  jnp.zeros((config.max_seqs,), _I32))
 
@@ -121,8 +94,7 @@ def state_from_page_table(config: CacheConfig, page_table, seq_lens, active=None
       seq_lens: int32 [max_seqs]. active: bool [max_seqs], default `seq_lens > 0`.
     No external references (`ref`) are recorded. Jittable; the caller keeps the tables valid.
     """
-    if not isinstance(config, CacheConfig):
-        raise ValueError(f"config must be a CacheConfig, got {type(config).__name__}")
+    check_config(config, "state_from_page_table")
     P, (S, M) = config.num_pages, (config.max_seqs, config.max_pages_per_seq)
     page_table = jnp.asarray(page_table, _I32)
     seq_lens = jnp.asarray(seq_lens, _I32)
@@ -142,35 +114,6 @@ def state_from_page_table(config: CacheConfig, page_table, seq_lens, active=None
 
 
 # ----------------------------------------------------------------------------- input checks
-
-
-def _as_ids(name: str, x, ndim: int = 1) -> jax.Array:
-    """Trace-time check that `x` is an integer array of rank `ndim`; returns it as int32."""
-    x = jnp.asarray(x)
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must be a rank-{ndim} integer array, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
-    return x.astype(_I32)
-
-
-def _same_shape(name_a: str, a, name_b: str, b):
-    if a.shape != b.shape:
-        raise ValueError(f"{name_b} must have the shape of {name_a} {a.shape}, got {b.shape}")
-
-
-def _check_state(state) -> CacheState:
-    if not isinstance(state, CacheState):
-        raise ValueError(f"state must be a CacheState, got {type(state).__name__}")
-    return state
-
-
-def _first_error(*conds) -> jax.Array:
-    """int32 status per request: the code of the first (condition, code) pair that holds."""
-    status = jnp.zeros(conds[0][0].shape, _I32)
-    for cond, code in reversed(conds):
-        status = jnp.where(cond, _I32(code), status)
-    return status
 
 
 def _slot_checks(state: CacheState, ids: jax.Array):
@@ -201,10 +144,6 @@ def _push_freed(state: CacheState, old_refcount: jax.Array, cand: jax.Array) -> 
 def cumsum(x: jax.Array) -> jax.Array:
     """Inclusive int32 cumulative sum (of a batch's per-request counts)."""
     return jnp.cumsum(x, dtype=_I32)
-
-
-def _ok(status: jax.Array) -> jax.Array:
-    return status == Status.OK
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -253,7 +192,7 @@ def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new:
     held = cfg.pages_for(old_len)
     num_new = jnp.where(in_range, cfg.pages_for(new_len) - held, 0)
     too_long = cfg.pages_for(new_len) > cfg.max_pages_per_seq
-    pre = _first_error(
+    pre = first_error(
         (is_req & ~in_range, Status.BAD_SLOT),
         (dup, Status.DUPLICATE),
         (is_req & (new_lens < 0), Status.BAD_LENGTH),
@@ -270,16 +209,6 @@ def _extend(state: CacheState, seq_ids, new_lens, *, need_active: bool, max_new:
     return new_state, status
 
 
-def allocate_status(state: CacheState, seq_ids, new_lens):
-    """`allocate` returning int32 `Status` codes [B] instead of a bool mask."""
-    state = _check_state(state)
-    seq_ids = _as_ids("allocate: seq_ids", seq_ids)
-    new_lens = _as_ids("allocate: new_lens", new_lens)
-    _same_shape("seq_ids", seq_ids, "allocate: new_lens", new_lens)
-    return _extend(state, seq_ids, new_lens, need_active=False,
-                   max_new=state.config.max_pages_per_seq)
-
-
 def allocate(state: CacheState, seq_ids, new_lens):
     """Make room for `new_lens[i]` more tokens in slot `seq_ids[i]`, new or existing.
 
@@ -290,29 +219,27 @@ def allocate(state: CacheState, seq_ids, new_lens):
       new_lens: int32 [B] tokens to add (>= 0). The new tokens sit at positions
         `old_len .. old_len + new_lens[i] - 1`, as `pack_for_flashinfer` reports them.
     Returns:
-      (state, ok): ok is bool [B]. The state changed iff `ok.all()`; otherwise it is the input state
-      and ok[i] is False for each request that failed (bad slot, duplicate, negative length,
-      too long, out of pages — `allocate_status` says which).
+      (state, status): status is int32 [B] `Status` codes. The state changed iff `ok(status)`;
+      otherwise it is the input state and `status[i]` says why request i failed (BAD_SLOT,
+      DUPLICATE, BAD_LENGTH, TOO_LONG, OUT_OF_PAGES); the other requests read OK.
     """
-    state, status = allocate_status(state, seq_ids, new_lens)
-    return state, _ok(status)
-
-
-def allocate_decoding_status(state: CacheState, seq_ids):
-    """`allocate_decoding` returning int32 `Status` codes [B]."""
-    state = _check_state(state)
-    seq_ids = _as_ids("allocate_decoding: seq_ids", seq_ids)
-    return _extend(state, seq_ids, jnp.ones_like(seq_ids), need_active=True, max_new=1)
+    state = check_state(state, "allocate")
+    seq_ids = as_ids("allocate: seq_ids", seq_ids)
+    new_lens = as_ids("allocate: new_lens", new_lens)
+    same_shape("seq_ids", seq_ids, "allocate: new_lens", new_lens)
+    return _extend(state, seq_ids, new_lens, need_active=False,
+                   max_new=state.config.max_pages_per_seq)
 
 
 def allocate_decoding(state: CacheState, seq_ids):
     """One more token for each existing sequence `seq_ids[i]` (int32 [B], < 0 = padding).
 
     A page is granted only where a sequence crosses a page boundary. Inactive slots fail with
-    `Status.INACTIVE`. All-or-nothing, like `allocate`. Returns (state, ok [B]).
+    `Status.INACTIVE`. All-or-nothing, like `allocate`. Returns (state, status int32 [B]).
     """
-    state, status = allocate_decoding_status(state, seq_ids)
-    return state, _ok(status)
+    state = check_state(state, "allocate_decoding")
+    seq_ids = as_ids("allocate_decoding: seq_ids", seq_ids)
+    return _extend(state, seq_ids, jnp.ones_like(seq_ids), need_active=True, max_new=1)
 
 
 # ----------------------------------------------------------------------------- release / truncate
@@ -334,14 +261,17 @@ def _drop_pages(state: CacheState, slot, keep_pages, apply):
     return _push_freed(st, state.refcount, cand)
 
 
-def release_status(state: CacheState, seq_ids):
-    """`release` returning int32 `Status` codes [B]."""
-    state = _check_state(state)
-    seq_ids = _as_ids("release: seq_ids", seq_ids)
+def release(state: CacheState, seq_ids):
+    """End the sequences `seq_ids` (int32 [B], < 0 = padding): each page loses one reference and is
+    free once its refcount reaches 0. Releasing an inactive slot (or one slot twice) fails with
+    `Status.INACTIVE` / `DUPLICATE` and changes nothing — no page is ever decremented twice.
+    Returns (state, status int32 [B]); all-or-nothing."""
+    state = check_state(state, "release")
+    seq_ids = as_ids("release: seq_ids", seq_ids)
     cfg = state.config
     is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
     active = state.active.at[slot].get(mode="fill", fill_value=False)
-    status = _first_error(
+    status = first_error(
         (is_req & ~in_range, Status.BAD_SLOT),
         (dup, Status.DUPLICATE),
         (is_req & ~active, Status.INACTIVE),
@@ -356,20 +286,21 @@ def release_status(state: CacheState, seq_ids):
     return new_state, status
 
 
-def release(state: CacheState, seq_ids):
-    """End the sequences `seq_ids` (int32 [B], < 0 = padding): each page loses one reference and is
-    free once its refcount reaches 0. Releasing an inactive slot (or one slot twice) fails with
-    `ok[i] = False` and changes nothing — no page is ever decremented twice. Returns (state, ok [B])."""
-    state, status = release_status(state, seq_ids)
-    return state, _ok(status)
+def truncate(state: CacheState, seq_ids, new_lens):
+    """Roll sequences back to `new_lens` tokens (e.g. rejected speculative tokens).
 
-
-def truncate_status(state: CacheState, seq_ids, new_lens):
-    """`truncate` returning (state, status [B], copies [B, 2])."""
-    state = _check_state(state)
-    seq_ids = _as_ids("truncate: seq_ids", seq_ids)
-    new_lens = _as_ids("truncate: new_lens", new_lens)
-    _same_shape("seq_ids", seq_ids, "truncate: new_lens", new_lens)
+    Args:
+      seq_ids: int32 [B] active slots (< 0 = padding). new_lens: int32 [B], `0 <= new_lens <= len`.
+    Returns:
+      (state, status [B], copies int32 [B, 2]): pages past the new end lose a reference (freed at 0). If
+      the new last page is partly filled and shared, the sequence gets a fresh page and
+      `copies[i] = (shared page, fresh page)` must be copied with `kv.copy_pages` before the next
+      write (rows of -1 need no copy). All-or-nothing.
+    """
+    state = check_state(state, "truncate")
+    seq_ids = as_ids("truncate: seq_ids", seq_ids)
+    new_lens = as_ids("truncate: new_lens", new_lens)
+    same_shape("seq_ids", seq_ids, "truncate: new_lens", new_lens)
     cfg = state.config
     is_req, in_range, dup, slot = _slot_checks(state, seq_ids)
     active = state.active.at[slot].get(mode="fill", fill_value=False)
@@ -380,7 +311,7 @@ def truncate_status(state: CacheState, seq_ids, new_lens):
     # write would land in their tokens, so this sequence gets its own copy of that page.
     cow = (is_req & (new_lens % cfg.page_size != 0) & (keep > 0)
            & (state.refcount.at[last].get(mode="fill", fill_value=0) > 1))
-    pre = _first_error(
+    pre = first_error(
         (is_req & ~in_range, Status.BAD_SLOT),
         (dup, Status.DUPLICATE),
         (is_req & ~active, Status.INACTIVE),
@@ -397,30 +328,25 @@ def truncate_status(state: CacheState, seq_ids, new_lens):
     return new_state, status, copies
 
 
-def truncate(state: CacheState, seq_ids, new_lens):
-    """Roll sequences back to `new_lens` tokens (e.g. rejected speculative tokens).
-
-    Args:
-      seq_ids: int32 [B] active slots (< 0 = padding). new_lens: int32 [B], `0 <= new_lens <= len`.
-    Returns:
-      (state, ok [B], copies int32 [B, 2]): pages past the new end lose a reference (freed at 0). If
-      the new last page is partly filled and shared, the sequence gets a fresh page and
-      `copies[i] = (shared page, fresh page)` must be copied with `kv.copy_pages` before the next
-      write (rows of -1 need no copy). All-or-nothing.
-    """
-    state, status, copies = truncate_status(state, seq_ids, new_lens)
-    return state, _ok(status), copies
-
-
 # ----------------------------------------------------------------------------- sharing
 
 
-def fork_status(state: CacheState, src_ids, dst_ids):
-    """`fork` returning (state, status [B], copies [B, 2])."""
-    state = _check_state(state)
-    src_ids = _as_ids("fork: src_ids", src_ids)
-    dst_ids = _as_ids("fork: dst_ids", dst_ids)
-    _same_shape("src_ids", src_ids, "fork: dst_ids", dst_ids)
+def fork(state: CacheState, src_ids, dst_ids):
+    """Start sequence `dst_ids[i]` as a copy of `src_ids[i]` (beam search, parallel sampling).
+
+    Args:
+      src_ids: int32 [B] active slots; the same source may appear several times.
+      dst_ids: int32 [B] inactive, distinct slots. A pair with both ids < 0 is padding; a pair
+        with one negative id fails with BAD_SLOT.
+    Returns:
+      (state, status [B], copies int32 [B, 2]): dst shares every full page of src (refcount + 1); a partly
+      filled last page is not shared — dst gets a fresh page and `copies[i] = (src page, dst page)`
+      must be copied with `kv.copy_pages` before dst is read or written. Rows of -1: nothing to copy.
+    """
+    state = check_state(state, "fork")
+    src_ids = as_ids("fork: src_ids", src_ids)
+    dst_ids = as_ids("fork: dst_ids", dst_ids)
+    same_shape("src_ids", src_ids, "fork: dst_ids", dst_ids)
     cfg = state.config
     M = cfg.max_pages_per_seq
     s_req, s_in, _, s_slot = _slot_checks(state, src_ids)
@@ -431,7 +357,7 @@ def fork_status(state: CacheState, src_ids, dst_ids):
     length = jnp.where(s_active, state.seq_lens.at[s_slot].get(mode="fill", fill_value=0), 0)
     full = length // cfg.page_size
     partial = (length % cfg.page_size) != 0
-    pre = _first_error(
+    pre = first_error(
         (is_req & ~(s_in & d_in), Status.BAD_SLOT),
         (d_dup, Status.DUPLICATE),
         (is_req & ~s_active, Status.INACTIVE),
@@ -458,29 +384,24 @@ def fork_status(state: CacheState, src_ids, dst_ids):
     return new_state, status, copies
 
 
-def fork(state: CacheState, src_ids, dst_ids):
-    """Start sequence `dst_ids[i]` as a copy of `src_ids[i]` (beam search, parallel sampling).
+def share_prefix(state: CacheState, seq_ids, page_ids, num_tokens):
+    """Start new sequences on already-filled full pages (a cached prompt prefix).
 
     Args:
-      src_ids: int32 [B] active slots; the same source may appear several times.
-      dst_ids: int32 [B] inactive, distinct slots. A pair with both ids < 0 is padding; a pair
-        with one negative id fails with BAD_SLOT.
+      seq_ids: int32 [B] inactive slots (< 0 = padding).
+      page_ids: int32 [B, K] page ids; row i's first `num_tokens[i] // page_size` entries are used.
+      num_tokens: int32 [B] prefix lengths, multiples of page_size (only full pages are shared,
+        so no write can reach them: the next token goes to a fresh page).
     Returns:
-      (state, ok [B], copies int32 [B, 2]): dst shares every full page of src (refcount + 1); a partly
-      filled last page is not shared — dst gets a fresh page and `copies[i] = (src page, dst page)`
-      must be copied with `kv.copy_pages` before dst is read or written. Rows of -1: nothing to copy.
+      (state, status [B]): each used page gains a reference; the slot becomes active with length
+      num_tokens[i]. Pages must be allocated (refcount > 0) and none may be a sequence's partly
+      filled last page (PARTIAL_PAGE: it is still being written). All-or-nothing.
     """
-    state, status, copies = fork_status(state, src_ids, dst_ids)
-    return state, _ok(status), copies
-
-
-def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
-    """`share_prefix` returning (state, status [B])."""
-    state = _check_state(state)
-    seq_ids = _as_ids("share_prefix: seq_ids", seq_ids)
-    page_ids = _as_ids("share_prefix: page_ids", page_ids, ndim=2)
-    num_tokens = _as_ids("share_prefix: num_tokens", num_tokens)
-    _same_shape("seq_ids", seq_ids, "share_prefix: num_tokens", num_tokens)
+    state = check_state(state, "share_prefix")
+    seq_ids = as_ids("share_prefix: seq_ids", seq_ids)
+    page_ids = as_ids("share_prefix: page_ids", page_ids, ndim=2)
+    num_tokens = as_ids("share_prefix: num_tokens", num_tokens)
+    same_shape("seq_ids", seq_ids, "share_prefix: num_tokens", num_tokens)
     if page_ids.shape[0] != seq_ids.shape[0]:
         raise ValueError(f"share_prefix: page_ids must be [B, K] with B = {seq_ids.shape[0]}, "
                          f"got {page_ids.shape}")
@@ -496,7 +417,7 @@ def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
     free_page = jnp.any(used & (state.refcount.at[safe].get(mode="fill", fill_value=1) == 0), axis=1)
     partial = jnp.any(used & _partial_last_pages(state).at[safe].get(mode="fill", fill_value=False),
                       axis=1)
-    status = _first_error(
+    status = first_error(
         (is_req & ~in_range, Status.BAD_SLOT),
         (dup, Status.DUPLICATE),
         (is_req & active, Status.ACTIVE),
@@ -520,29 +441,12 @@ def share_prefix_status(state: CacheState, seq_ids, page_ids, num_tokens):
     return new_state, status
 
 
-def share_prefix(state: CacheState, seq_ids, page_ids, num_tokens):
-    """Start new sequences on already-filled full pages (a cached prompt prefix).
-
-    Args:
-      seq_ids: int32 [B] inactive slots (< 0 = padding).
-      page_ids: int32 [B, K] page ids; row i's first `num_tokens[i] // page_size` entries are used.
-      num_tokens: int32 [B] prefix lengths, multiples of page_size (only full pages are shared,
-        so no write can reach them: the next token goes to a fresh page).
-    Returns:
-      (state, ok [B]): each used page gains a reference; the slot becomes active with length
-      num_tokens[i]. Pages must be allocated (refcount > 0) and none may be a sequence's partly
-      filled last page (PARTIAL_PAGE: it is still being written). All-or-nothing.
-    """
-    state, status = share_prefix_status(state, seq_ids, page_ids, num_tokens)
-    return state, _ok(status)
-
-
 # ----------------------------------------------------------------------------- page references
 
 
 def _page_checks(state: CacheState, name: str, page_ids):
     cfg = state.config
-    page_ids = _as_ids(name, page_ids)
+    page_ids = as_ids(name, page_ids)
     is_req = page_ids >= 0
     in_range = is_req & (page_ids < cfg.num_pages)
     idx = jnp.where(in_range, page_ids, cfg.num_pages)
@@ -560,37 +464,33 @@ def _partial_last_pages(state: CacheState) -> jax.Array:
         True, mode="drop")
 
 
-def ref_status(state: CacheState, page_ids):
-    """`ref` returning (state, status [K])."""
-    state = _check_state(state)
+def ref(state: CacheState, page_ids):
+    """Take an external reference on each page of `page_ids` (int32 [K], < 0 = padding; a page
+    listed twice gains two). Refused for free pages (a free page cannot be kept alive: it might
+    already be handed out) and for a sequence's partly filled last page (its owner still writes
+    into it; a shared page is never written). Returns (state, status [K]); all-or-nothing."""
+    state = check_state(state, "ref")
     page_ids, is_req, in_range, idx, rc = _page_checks(state, "ref: page_ids", page_ids)
     partial = _partial_last_pages(state).at[idx].get(mode="fill", fill_value=False)
-    status = _first_error((is_req & ~in_range, Status.BAD_PAGE), (is_req & (rc == 0), Status.FREE_PAGE),
+    status = first_error((is_req & ~in_range, Status.BAD_PAGE), (is_req & (rc == 0), Status.FREE_PAGE),
                           (is_req & partial, Status.PARTIAL_PAGE))
     apply = jnp.all(status == Status.OK)
     refcount = state.refcount.at[jnp.where(apply, idx, state.config.num_pages)].add(1, mode="drop")
     return state._replace(refcount=refcount), status
 
 
-def ref(state: CacheState, page_ids):
-    """Take an external reference on each page of `page_ids` (int32 [K], < 0 = padding; a page
-    listed twice gains two). Refused for free pages (a free page cannot be kept alive: it might
-    already be handed out) and for a sequence's partly filled last page (its owner still writes
-    into it; a shared page is never written). Returns (state, ok [K]); all-or-nothing."""
-    state, status = ref_status(state, page_ids)
-    return state, _ok(status)
-
-
-def unref_status(state: CacheState, page_ids):
-    """`unref` returning (state, status [K])."""
-    state = _check_state(state)
+def unref(state: CacheState, page_ids):
+    """Drop external references taken with `ref` (int32 [K], < 0 = padding). A page whose count
+    reaches 0 is free. Refused where it would go below 0 or below the references that sequences'
+    page tables hold (use `release`/`truncate` for those). Returns (state, status [K]); all-or-nothing."""
+    state = check_state(state, "unref")
     cfg = state.config
     page_ids, is_req, in_range, idx, rc = _page_checks(state, "unref: page_ids", page_ids)
     count = jnp.zeros((cfg.num_pages,), _I32).at[idx].add(1, mode="drop")
     held = jnp.zeros((cfg.num_pages,), _I32).at[
         jnp.where(state.page_table >= 0, state.page_table, cfg.num_pages)].add(1, mode="drop")
     after = rc - count.at[idx].get(mode="fill", fill_value=0)
-    status = _first_error(
+    status = first_error(
         (is_req & ~in_range, Status.BAD_PAGE),
         (is_req & (after < 0), Status.FREE_PAGE),
         (is_req & (after < held.at[idx].get(mode="fill", fill_value=0)), Status.PAGE_HELD),
@@ -599,11 +499,3 @@ def unref_status(state: CacheState, page_ids):
     cand = jnp.where(apply, idx, cfg.num_pages)
     st = state._replace(refcount=state.refcount.at[cand].add(-1, mode="drop"))
     return _push_freed(st, state.refcount, cand), status
-
-
-def unref(state: CacheState, page_ids):
-    """Drop external references taken with `ref` (int32 [K], < 0 = padding). A page whose count
-    reaches 0 is free. Refused where it would go below 0 or below the references that sequences'
-    page tables hold (use `release`/`truncate` for those). Returns (state, ok [K]); all-or-nothing."""
-    state, status = unref_status(state, page_ids)
-    return state, _ok(status)

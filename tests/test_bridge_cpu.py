@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="the bridge's CPU-mechanics tests need torch (CPU build: pip install torch "
+    "--index-url https://download.pytorch.org/whl/cpu; .ci/run installs it)")
 
 import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import attention, bridge, reference  # noqa: E402
@@ -32,6 +34,17 @@ from seqattn_jax.config import CacheConfig  # noqa: E402
 from seqattn_jax.kv import scatter_kv as scatter_append  # noqa: E402
 from seqattn_jax.options import AttentionOptions  # noqa: E402
 from seqattn_jax.packing import PackedBatch  # noqa: E402
+
+
+def _allocate(*args):
+    """`sj.allocate` with a per-request bool instead of Status codes."""
+    state, status = sj.allocate(*args)
+    return state, status == sj.Status.OK
+
+
+def _allocate_decoding(*args):
+    state, status = sj.allocate_decoding(*args)
+    return state, status == sj.Status.OK
 
 ROOT = Path(__file__).resolve().parent.parent
 O = AttentionOptions
@@ -466,7 +479,7 @@ def test_ffi_shim_assembles_views_and_constants():
 
 def _host_plan_step(cfg, hq, seq_ids, use_scan):
     def step(state, kv, q, k, hp):
-        state, ok = sj.allocate_decoding(state, seq_ids)
+        state, ok = _allocate_decoding(state, seq_ids)
         packed = sj.pack_for_flashinfer(state, seq_ids)
         plan = attention.adopt_plan(hp, packed)
 
@@ -496,7 +509,7 @@ def test_host_plans_drive_steps_like_device_plans(torch_backend, use_scan):
     step adopts its own plan (ok), matches the reference and compiles once."""
     cfg = make_config(num_layers=2)
     state = sj.init_state(cfg)
-    state, ok = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([5, 1, 8], jnp.int32))
+    state, ok = _allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([5, 1, 8], jnp.int32))
     assert bool(ok.all())
     seq_ids = jnp.asarray([0, -1, 1, 2], jnp.int32)
     lens = np.asarray([5, 0, 1, 8])
@@ -516,7 +529,7 @@ def test_host_plans_drive_steps_like_device_plans(torch_backend, use_scan):
 def test_host_plan_mismatch_desync_and_limits(torch_backend):
     cfg = make_config(num_layers=1)
     state = sj.init_state(cfg)
-    state, _ = sj.allocate(state, jnp.arange(2, dtype=jnp.int32), jnp.asarray([6, 3], jnp.int32))
+    state, _ = _allocate(state, jnp.arange(2, dtype=jnp.int32), jnp.asarray([6, 3], jnp.int32))
     seq_ids = jnp.asarray([0, 1], jnp.int32)
     rng = np.random.default_rng(8)
     kv = rand(rng, cfg.kv_shape)
@@ -559,7 +572,7 @@ def test_host_plan_argument_errors(torch_backend):
         jax.jit(lambda x: attention.host_plan_decode(cfg, x, 4))(jnp.ones(2, jnp.int32))
     hp = attention.host_plan_decode(cfg, [3, 0], 4, backend=torch_backend)
     state = sj.init_state(cfg)
-    state, _ = sj.allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([3, 1, 1], jnp.int32))
+    state, _ = _allocate(state, jnp.arange(3, dtype=jnp.int32), jnp.asarray([3, 1, 1], jnp.int32))
     packed3 = sj.pack_for_flashinfer(state, jnp.arange(3, dtype=jnp.int32))
     with pytest.raises(ValueError, match="plan was made for 2 requests"):
         attention.adopt_plan(hp, packed3)
@@ -583,7 +596,7 @@ def _chunk_step(cfg, be, kind, ids_p, ids_d, T, hq=4):
     plan, append K/V, attend; the reference of the same batch rides along."""
 
     def step(state, kv, new_p, q_p, k_p, q_d, k_d, hp):
-        state, ok = sj.allocate(state, ids_p, new_p)
+        state, ok = _allocate(state, ids_p, new_p)
         packed_p = sj.pack_for_flashinfer(state, ids_p, new_p, max_tokens=T)
         if kind == "prefill":
             plan = attention.adopt_plan(hp, packed_p)
@@ -591,7 +604,7 @@ def _chunk_step(cfg, be, kind, ids_p, ids_d, T, hq=4):
             out = attention.batch_prefill(cfg, q_p, kv, packed_p, layer=1, plan=plan)
             ref = reference.batch_prefill(cfg, q_p, kv, packed_p, layer=1, return_lse=True)
             return state, kv, out, ref, ok.all() & plan.ok
-        state, ok_d = sj.allocate_decoding(state, ids_d)
+        state, ok_d = _allocate_decoding(state, ids_d)
         packed_d = sj.pack_for_flashinfer(state, ids_d)
         plan = attention.adopt_plan(hp, packed_p, packed_d)
         kv = attention.append_kv(cfg, kv, k_p, k_p, packed_p, layer=1, plan=plan)
@@ -627,7 +640,7 @@ def test_host_plans_of_chunked_prefill_steps(torch_backend, kind, be_name):
     ids_p = jnp.asarray([0, -1, 1, 2], jnp.int32)
     ids_d = jnp.asarray([3, 4], jnp.int32)
     state = sj.init_state(cfg)
-    state, ok = sj.allocate(state, ids_d, jnp.asarray([5, 2], jnp.int32))
+    state, ok = _allocate(state, ids_d, jnp.asarray([5, 2], jnp.int32))
     assert bool(ok.all())
     prompt = np.asarray([13, 0, 4, 9])
     lens, lens_d = np.zeros(4, np.int64), np.asarray([5, 2])

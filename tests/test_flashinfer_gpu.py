@@ -304,7 +304,8 @@ def _decode_step(cfg, use_scan, backend, append_impl="scatter", planning="device
     planning "device": plan_decode inside the step; "host": adopt the step's HostPlan (`hp`)."""
 
     def step(state, kv, seq_ids, q, k, v, hp=None):
-        state, ok = sj.allocate_decoding(state, seq_ids)
+        state, status = sj.allocate_decoding(state, seq_ids)
+        ok = sj.ok(status)
         packed = sj.pack_for_flashinfer(state, seq_ids)
         if planning == "host":
             plan = attention.adopt_plan(hp, packed)
@@ -339,7 +340,8 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     rng = np.random.default_rng(14)
     state = sj.init_state(cfg)
     ids = jnp.arange(5, dtype=jnp.int32)
-    state, ok = sj.allocate(state, ids, jnp.asarray([30, 15, 1, 64, 47], jnp.int32))
+    state, status = sj.allocate(state, ids, jnp.asarray([30, 15, 1, 64, 47], jnp.int32))
+    ok = sj.ok(status)
     assert bool(ok.all())
     kv = rand(rng, cfg.kv_shape)
     seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
@@ -369,7 +371,8 @@ def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
     state = sj.init_state(cfg)
     ids = jnp.arange(5, dtype=jnp.int32)
     lens0 = np.asarray([30, 15, 1, 64, 47])
-    state, ok = sj.allocate(state, ids, jnp.asarray(lens0, jnp.int32))
+    state, status = sj.allocate(state, ids, jnp.asarray(lens0, jnp.int32))
+    ok = sj.ok(status)
     assert bool(ok.all())
     kv = rand(rng, cfg.kv_shape)
     seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)

@@ -135,7 +135,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
     state, kv = sj.init_state(cache), sj.init_kv(cache)
     # Take a few pages first and free them later, so request pages are not in id order.
     state, ok = sj.allocate(state, jnp.array([n], jnp.int32), jnp.array([3 * page_size - 1], jnp.int32))
-    assert bool(ok.all())
+    assert bool(sj.ok(ok))
     slots = jnp.arange(n, dtype=jnp.int32)
     done = [0] * n
     got = {}
@@ -146,7 +146,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
             new.append(take)
             budget -= take
         state, ok = sj.allocate(state, slots, jnp.asarray(new, jnp.int32))
-        assert bool(ok.all())
+        assert bool(sj.ok(ok))
         packed = sj.pack_for_flashinfer(state, slots, jnp.asarray(new, jnp.int32), max_tokens=chunk)
         rows = np.concatenate([seqs[r][done[r]:done[r] + new[r]] for r in range(n)])
         tokens = np.zeros(chunk, np.int32)
@@ -165,7 +165,7 @@ def run_paged(cfg: LlamaConfig, params, seqs: list[np.ndarray], prompt_lens: lis
         active = [r for r in range(n) if done[r] < len(seqs[r])]
         ids = jnp.asarray([r if r in active else -1 for r in range(n)] + [-1], jnp.int32)
         state, ok = sj.allocate_decoding(state, ids)
-        assert bool(ok.all())
+        assert bool(sj.ok(ok))
         packed = sj.pack_for_flashinfer(state, ids)
         tokens = np.zeros(n + 1, np.int32)
         for r in active:
@@ -303,9 +303,11 @@ def test_forward_bad_input():
 
 
 def test_attention_options_drive_the_public_plans():
-    """attention_options(cfg) is accepted as is by seqattn_jax's plan_* and attention ops."""
+    """attention_options(cfg) makes the AttentionOptions of seqattn_jax's plans, and the reference
+    functions take it as keywords."""
     cfg = small(sliding_window=3)
     opts = llama.attention_options(cfg)
+    options = sj.AttentionOptions(**opts)
     cache = sj.CacheConfig(num_pages=8, page_size=4, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                            max_seqs=2, max_pages_per_seq=4, num_layers=cfg.num_layers, dtype="float32")
     state, kv = sj.init_state(cache), sj.init_kv(cache)
@@ -314,11 +316,11 @@ def test_attention_options_drive_the_public_plans():
     packed = sj.pack_for_flashinfer(state, slots, jnp.array([5, 3], jnp.int32), max_tokens=8)
     q = jax.random.normal(jax.random.key(0), (8, cfg.num_heads, cfg.head_dim))
     kv = jax.random.normal(jax.random.key(1), kv.shape)
-    plan = sj.plan_prefill(cache, packed, cfg.num_heads, backend="reference", **opts)
-    out = sj.batch_prefill(cache, q, kv, packed, plan=plan, **opts)
+    plan = sj.plan_prefill(cache, packed, cfg.num_heads, backend="reference", options=options)
+    out = sj.batch_prefill(cache, q, kv, packed, plan=plan)
     np.testing.assert_array_equal(out, reference.batch_prefill(cache, q, kv, packed, **opts))
     dec = sj.pack_for_flashinfer(state, slots)
-    plan = sj.plan_decode(cache, dec, cfg.num_heads, backend="reference", **opts)
-    out = sj.batch_decode(cache, q[:2], kv, dec, plan=plan, **opts)
+    plan = sj.plan_decode(cache, dec, cfg.num_heads, backend="reference", options=options)
+    out = sj.batch_decode(cache, q[:2], kv, dec, plan=plan)
     np.testing.assert_array_equal(out, reference.batch_decode(cache, q[:2], kv, dec, **opts))
-    assert bool(ok.all())
+    assert bool(sj.ok(ok))

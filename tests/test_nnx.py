@@ -59,7 +59,8 @@ T = 16
 
 @jax.jit
 def _prefill_chunk(state, kv, q, k, v, new_lens, layer):
-    state, ok = sa.allocate(state, SEQ_IDS, new_lens)
+    state, status = sa.allocate(state, SEQ_IDS, new_lens)
+    ok = sa.ok(status)
     packed = sa.pack_for_flashinfer(state, SEQ_IDS, new_lens, max_tokens=T)
     out, kv = ATTN(q, k, v, kv, packed, layer=layer, plan=ATTN.plan(packed))
     return out, kv, state, jnp.all(ok), packed
@@ -67,7 +68,8 @@ def _prefill_chunk(state, kv, q, k, v, new_lens, layer):
 
 @functools.partial(jax.jit, static_argnames="mode")
 def _decode(state, kv, q, k, v, layer, mode):
-    state, ok = sa.allocate_decoding(state, DEC_IDS)
+    state, status = sa.allocate_decoding(state, DEC_IDS)
+    ok = sa.ok(status)
     packed = sa.pack_for_flashinfer(state, DEC_IDS)
     out, kv = ATTN(q, k, v, kv, packed, layer=layer, mode=mode)
     return out, kv, jnp.all(ok)
@@ -151,7 +153,8 @@ class TinyModel(nnx.Module):
 
 def _decode_step_fn(graphdef):
     def step(params, kv, state, tokens, seq_ids):
-        state, ok = sa.allocate_decoding(state, seq_ids)
+        state, status = sa.allocate_decoding(state, seq_ids)
+        ok = sa.ok(status)
         packed = sa.pack_for_flashinfer(state, seq_ids)
         x, kv = nnx.merge(graphdef, params)(tokens, packed, kv)
         return x, kv, state, jnp.all(ok)
@@ -159,8 +162,9 @@ def _decode_step_fn(graphdef):
 
 
 def _prefilled(cfg):
-    state, ok = jax.jit(sa.allocate)(sa.init_state(cfg), jnp.asarray([0, 1, 2, 3], jnp.int32),
+    state, status = jax.jit(sa.allocate)(sa.init_state(cfg), jnp.asarray([0, 1, 2, 3], jnp.int32),
                                      jnp.asarray([3, 5, 4, 1], jnp.int32))
+    ok = sa.ok(status)
     assert bool(jnp.all(ok))
     return state
 

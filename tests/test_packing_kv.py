@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import seqattn_jax as sj
+from seqattn_jax import checked
+from seqattn_jax.validation import Status
 
 
 def make_state(cfg, lens, seed=0):
@@ -25,19 +27,42 @@ def make_state(cfg, lens, seed=0):
     n = len(lens)
     for chunk in range(3):  # grow in interleaved chunks so pages of one sequence are not contiguous
         add = [(l * (chunk + 1)) // 3 - (l * chunk) // 3 for l in lens]
-        state, ok = sj.allocate(state, jnp.arange(n, dtype=jnp.int32), jnp.asarray(add, jnp.int32))
+        state, status = sj.allocate(state, jnp.arange(n, dtype=jnp.int32), jnp.asarray(add, jnp.int32))
+        ok = sj.ok(status)
         assert bool(ok.all())
     return state
 
 
-def numpy_pack(state, seq_ids, new_lens, T):
+def numpy_pack(state, seq_ids, new_lens, T, kv_lens=None):
+    """FlashInfer's CSR format derived request by request in plain Python, with the status of each
+    request: an id that is not an active slot, a repeated id, a length out of range or rows past T
+    make the request padding (no pages, no rows) and name the reason."""
     cfg = state.config
     table, lens_all, active = map(np.asarray, (state.page_table, state.seq_lens, state.active))
-    indptr, indices, lpl, lens, qo = [0], [], [], [], [0]
-    rows = []
+    indptr, indices, lpl, lens, qo, status = [0], [], [], [], [0], []
+    rows, total = [], 0
     for b, s in enumerate(seq_ids):
-        ok = 0 <= s < cfg.max_seqs and active[s]
-        n = lens_all[s] if ok else 0
+        held = int(lens_all[s]) if 0 <= s < cfg.max_seqs and active[s] else 0
+        n = held if kv_lens is None else kv_lens[b]
+        new = 1 if new_lens is None else new_lens[b]
+        if s < 0:
+            code = Status.OK
+        elif s >= cfg.max_seqs:
+            code = Status.BAD_SLOT
+        elif list(seq_ids).count(s) > 1:
+            code = Status.DUPLICATE
+        elif not active[s]:
+            code = Status.INACTIVE
+        elif not 0 <= new <= n <= held:
+            code = Status.BAD_LENGTH
+        elif (b >= T) if new_lens is None else (total + new > T):
+            code = Status.TOO_LONG
+        else:
+            code = Status.OK
+        ok = s >= 0 and code == Status.OK
+        status.append(code)
+        n = n if ok else 0
+        total += new if ok and new_lens is not None else 0
         npg = -(-n // cfg.page_size)
         indices += list(table[s, :npg]) if ok else []
         indptr.append(len(indices))
@@ -49,13 +74,13 @@ def numpy_pack(state, seq_ids, new_lens, T):
             rows.append((b, pos, table[s, pos // cfg.page_size], pos % cfg.page_size) if ok
                         else (-1, -1, -1, -1))
             continue
-        new = min(new_lens[b], n) if ok else 0
+        new = new if ok else 0
         qo.append(qo[-1] + new)
         for j in range(new):
             pos = n - new + j
             rows.append((b, pos, table[s, pos // cfg.page_size], pos % cfg.page_size))
     rows += [(-1, -1, -1, -1)] * (T - len(rows))
-    return indptr, indices, lpl, lens, qo, np.array(rows[:T]).T
+    return indptr, indices, lpl, lens, qo, np.array(rows[:T]).T, status
 
 
 class PackTest(chex.TestCase):
@@ -64,13 +89,21 @@ class PackTest(chex.TestCase):
         cfg = sj.CacheConfig(num_pages=64, page_size=4, num_kv_heads=1, head_dim=1, max_seqs=6,
                              max_pages_per_seq=8)
         state = make_state(cfg, [5, 17, 1, 32, 8])
-        for seq_ids, new_lens, T in [([3, 0, -1, 1, 9, 5, 2], None, 7),
-                                     ([1, 3, 4, 0], [7, 32, 8, 1], 50),
-                                     ([4, -1, 2, 1], [3, 2, 1, 17], 16)]:
-            pack = self.variant(sj.pack_for_flashinfer, static_argnames="max_tokens")
+        cases = [([3, 0, -1, 1, 9, 5, 2], None, 7, None),          # bad slot 9, inactive 5
+                 ([1, 3, 4, 0], [7, 32, 8, 1], 50, None),
+                 ([4, -1, 2, 1], [3, 2, 1, 17], 16, None),         # 1's 17 rows do not fit: TOO_LONG
+                 ([1, 3, 1, 0], [1, 2, 1, 6], 16, None),           # 1 twice; 0 has only 5 tokens
+                 ([1, 0, 3, 4], [4, 5, 2, 3], 16, [10, 5, 40, 3]),  # 3 holds 32 < 40 tokens
+                 ([3, 0, 1], None, 3, [9, 1, 17])]                 # decode with explicit lengths
+        pack = self.variant(sj.pack_for_flashinfer, static_argnames="max_tokens")
+        for seq_ids, new_lens, T, kv_lens in cases:
             p = pack(state, jnp.asarray(seq_ids, jnp.int32),
-                     None if new_lens is None else jnp.asarray(new_lens, jnp.int32), max_tokens=T)
-            indptr, indices, lpl, lens, qo, rows = numpy_pack(state, seq_ids, new_lens, T)
+                     None if new_lens is None else jnp.asarray(new_lens, jnp.int32), max_tokens=T,
+                     kv_lens=None if kv_lens is None else jnp.asarray(kv_lens, jnp.int32))
+            indptr, indices, lpl, lens, qo, rows, status = numpy_pack(state, seq_ids, new_lens, T,
+                                                                      kv_lens)
+            np.testing.assert_array_equal(p.status, status)
+            assert bool(sj.ok(p.status)) == all(c == Status.OK for c in status)
             np.testing.assert_array_equal(p.kv_page_indptr, indptr)
             np.testing.assert_array_equal(p.kv_page_indices[: indptr[-1]], indices)
             assert p.kv_page_indices.shape == (len(seq_ids) * cfg.max_pages_per_seq,)
@@ -82,6 +115,50 @@ class PackTest(chex.TestCase):
             np.testing.assert_array_equal(p.token_pages, rows[2])
             np.testing.assert_array_equal(p.token_offsets, rows[3])
             assert all(x.dtype == jnp.int32 for x in jax.tree_util.tree_leaves(p))
+            assert p.config == cfg
+
+
+def test_duplicate_ids_never_write_one_position_twice():
+    """Issue 11: `pack_for_flashinfer([0, 0], ...)` gave both rows the same page slot, so the second
+    write silently replaced the first; now both requests are refused (DUPLICATE), no row is written,
+    and the checked form raises."""
+    cfg = sj.CacheConfig(num_pages=8, page_size=4, num_kv_heads=1, head_dim=2, max_seqs=4,
+                         max_pages_per_seq=4, dtype="float32")
+    state, _ = sj.allocate(sj.init_state(cfg), jnp.array([0], jnp.int32), jnp.array([3], jnp.int32))
+    packed = sj.pack_for_flashinfer(state, jnp.array([0, 0], jnp.int32))
+    np.testing.assert_array_equal(packed.status, [Status.DUPLICATE] * 2)
+    assert not bool(sj.ok(packed.status))
+    np.testing.assert_array_equal(packed.token_pages, [-1, -1])
+    kv = sj.append_kv(cfg, sj.init_kv(cfg), jnp.ones((2, 1, 2)), jnp.ones((2, 1, 2)), packed)
+    assert not np.any(np.asarray(kv))
+    with pytest.raises(sj.AllocatorError, match=r"request 1 \(id 0\).*DUPLICATE"):
+        checked.pack_for_flashinfer(state, jnp.array([0, 0], jnp.int32))
+
+
+def test_chunked_prefill_with_explicit_kv_lens_matches_whole_prompt():
+    """A prompt allocated whole and written in chunks with `kv_lens` (no fake state) lands where one
+    pack of the whole prompt puts it, and each chunk attends to exactly its prefix."""
+    cfg = sj.CacheConfig(num_pages=16, page_size=4, num_kv_heads=1, head_dim=2, max_seqs=2,
+                         max_pages_per_seq=8, dtype="float32")
+    state, _ = sj.allocate(sj.init_state(cfg), jnp.array([0, 1], jnp.int32), jnp.array([11, 6], jnp.int32))
+    ids = jnp.array([0, 1], jnp.int32)
+    whole = sj.pack_for_flashinfer(state, ids, jnp.array([11, 6], jnp.int32), max_tokens=17)
+    pages, offs = [], []
+    for start, stop in [(0, 5), (5, 8), (8, 11)]:  # slot 1: 6 tokens in chunks of 5, 1, 0
+        n1 = [min(stop, 6) - min(start, 6)]
+        chunk = sj.pack_for_flashinfer(state, ids, jnp.array([stop - start, n1[0]], jnp.int32),
+                                       max_tokens=10, kv_lens=jnp.array([stop, min(stop, 6)], jnp.int32))
+        assert bool(sj.ok(chunk.status))
+        np.testing.assert_array_equal(chunk.seq_lens, [stop, min(stop, 6)])
+        rows = int(chunk.qo_indptr[-1])
+        np.testing.assert_array_equal(chunk.positions[: stop - start], np.arange(start, stop))
+        pages.append(np.asarray(chunk.token_pages[:rows]))
+        offs.append(np.asarray(chunk.token_offsets[:rows]))
+    # Reorder the whole-prompt rows (0's 11 then 1's 6) into the chunks' order and compare.
+    wp, wo = np.asarray(whole.token_pages), np.asarray(whole.token_offsets)
+    order = [*range(0, 5), *range(11, 16), *range(5, 8), 16, *range(8, 11)]
+    np.testing.assert_array_equal(np.concatenate(pages), wp[order])
+    np.testing.assert_array_equal(np.concatenate(offs), wo[order])
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -179,7 +256,7 @@ def test_bad_kv_inputs():
         sj.append_kv(cfg, kv[:4], good, good, packed)
     with pytest.raises(ValueError, match="kv must have dtype float32"):
         sj.append_kv(cfg, kv.astype(jnp.float16), good, good, packed)
-    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"layer must be in \[0, config\.num_layers = 1\)"):
         sj.append_kv(cfg, kv, good, good, packed, layer=1)
     with pytest.raises(ValueError, match="copies must be an int32 \\[N, 2\\]"):
         sj.copy_pages(cfg, kv, jnp.zeros((3,), jnp.int32))

@@ -37,12 +37,13 @@ class AllocatorVariantsTest(chex.TestCase):
     def test_allocate_then_decode_crosses_pages(self):
         alloc = self.variant(sj.allocate)
         decode = self.variant(sj.allocate_decoding)
-        state, ok = alloc(sj.init_state(CFG), ids(0, 1, -1), ids(4, 3, 7))
-        np.testing.assert_array_equal(ok, [True, True, True])
+        state, status = alloc(sj.init_state(CFG), ids(0, 1, -1), ids(4, 3, 7))
+        np.testing.assert_array_equal(status, [Status.OK] * 3)
+        self.assertTrue(bool(sj.ok(status)))
         np.testing.assert_array_equal(state.seq_lens, [4, 3, 0, 0])
         np.testing.assert_array_equal(state.pages_held, [1, 1, 0, 0])
-        state, ok = decode(state, ids(0, 1))  # 0 crosses into a second page, 1 fills its first
-        self.assertTrue(bool(ok.all()))
+        state, status = decode(state, ids(0, 1))  # 0 crosses into a second page, 1 fills its first
+        self.assertTrue(bool(sj.ok(status)))
         np.testing.assert_array_equal(state.seq_lens, [5, 4, 0, 0])
         np.testing.assert_array_equal(state.pages_held, [2, 1, 0, 0])
         self.assertEqual(int(state.num_free_pages), 5)
@@ -53,8 +54,8 @@ class AllocatorVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_release_returns_pages(self):
         state, _ = sj.allocate(sj.init_state(CFG), ids(0, 1), ids(9, 4))
-        state, ok = self.variant(sj.release)(state, ids(0))
-        self.assertTrue(bool(ok.all()))
+        state, status = self.variant(sj.release)(state, ids(0))
+        self.assertTrue(bool(sj.ok(status)))
         self.assertEqual(int(state.num_free_pages), 7)
         self.assertFalse(bool(state.active[0]))
         np.testing.assert_array_equal(state.page_table[0], -1)
@@ -62,8 +63,8 @@ class AllocatorVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_fork_shares_full_pages_and_copies_partial(self):
         state, _ = sj.allocate(sj.init_state(CFG), ids(0), ids(6))
-        state, ok, copies = self.variant(sj.fork)(state, ids(0), ids(2))
-        self.assertTrue(bool(ok.all()))
+        state, status, copies = self.variant(sj.fork)(state, ids(0), ids(2))
+        self.assertTrue(bool(sj.ok(status)))
         t = np.asarray(state.page_table)
         self.assertEqual(t[2, 0], t[0, 0])  # full page shared
         self.assertNotEqual(t[2, 1], t[0, 1])  # partial page copied
@@ -73,8 +74,8 @@ class AllocatorVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_truncate_frees_tail(self):
         state, _ = sj.allocate(sj.init_state(CFG), ids(0), ids(13))
-        state, ok, copies = self.variant(sj.truncate)(state, ids(0), ids(5))
-        self.assertTrue(bool(ok.all()))
+        state, status, copies = self.variant(sj.truncate)(state, ids(0), ids(5))
+        self.assertTrue(bool(sj.ok(status)))
         np.testing.assert_array_equal(copies, [[-1, -1]])
         self.assertEqual(int(state.seq_lens[0]), 5)
         self.assertEqual(int(state.num_free_pages), 6)
@@ -117,40 +118,37 @@ def test_seqattn_bug_failed_allocate_decoding_leaves_lengths():
     before a KeyError on a later unknown id."""
     state, _ = sj.allocate(sj.init_state(CFG), ids(0, 1, 2), ids(7, 8, 16))  # all 8 pages held
     before = state
-    state, ok = sj.allocate_decoding(state, ids(0, 1))  # 0 fits its page (7 -> 8); 1 needs a page
-    np.testing.assert_array_equal(ok, [True, False])
-    assert_same_state(state, before)  # 0's length and last_page_len did not move either
-    _, status = sj.state.allocate_decoding_status(before, ids(0, 1))
+    state, status = sj.allocate_decoding(state, ids(0, 1))  # 0 fits its page (7 -> 8); 1 needs a page
+    assert not bool(sj.ok(status))
     np.testing.assert_array_equal(status, [Status.OK, Status.OUT_OF_PAGES])
-    state, ok = sj.allocate(sj.init_state(CFG), ids(0), ids(5))
+    assert_same_state(state, before)  # 0's length and last_page_len did not move either
+    state, _ = sj.allocate(sj.init_state(CFG), ids(0), ids(5))
     before = state
-    state, ok = sj.allocate_decoding(state, ids(0, 3))  # slot 3 holds no sequence
-    np.testing.assert_array_equal(ok, [True, False])
+    state, status = sj.allocate_decoding(state, ids(0, 3))  # slot 3 holds no sequence
+    np.testing.assert_array_equal(status, [Status.OK, Status.INACTIVE])
     assert_same_state(state, before)
-    _, status = sj.state.allocate_decoding_status(state, ids(0, 3))
-    assert int(status[1]) == Status.INACTIVE
 
 
 def test_seqattn_bug_double_release_never_goes_negative():
     """seqattn's release_pages twice drove a refcount to -1."""
     state, _ = sj.allocate(sj.init_state(CFG), ids(0), ids(5))
-    state, ok = sj.release(state, ids(0))
-    assert bool(ok.all())
-    again, ok = sj.release(state, ids(0))
-    assert not bool(ok.any())
+    state, status = sj.release(state, ids(0))
+    assert bool(sj.ok(status))
+    again, status = sj.release(state, ids(0))
+    np.testing.assert_array_equal(status, [Status.INACTIVE])
     assert_same_state(again, state)
-    both, ok = sj.release(sj.allocate(sj.init_state(CFG), ids(0), ids(5))[0], ids(0, 0))
-    np.testing.assert_array_equal(ok, [False, False])  # the same slot twice in one call
+    both, status = sj.release(sj.allocate(sj.init_state(CFG), ids(0), ids(5))[0], ids(0, 0))
+    np.testing.assert_array_equal(status, [Status.DUPLICATE] * 2)  # the same slot twice in one call
     assert int(jnp.min(both.refcount)) >= 0
-    _, ok = sj.unref(state, ids(0))  # unref of a free page
-    assert not bool(ok.any())
+    _, status = sj.unref(state, ids(0))  # unref of a free page
+    np.testing.assert_array_equal(status, [Status.FREE_PAGE])
 
 
 def test_seqattn_bug_ref_of_free_page_refused():
     """seqattn's ref() of a free page left it in the free list, later handed out with refcount 2."""
     state = sj.init_state(CFG)
-    after, ok = sj.ref(state, ids(3))
-    assert not bool(ok.any())
+    after, status = sj.ref(state, ids(3))
+    np.testing.assert_array_equal(status, [Status.FREE_PAGE])
     assert_same_state(after, state)
     state, _ = sj.allocate(state, ids(0, 1, 2), ids(4, 4, 4))
     assert sorted(np.asarray(state.refcount).tolist()) == [0] * 5 + [1] * 3
@@ -159,11 +157,9 @@ def test_seqattn_bug_ref_of_free_page_refused():
 def test_seqattn_bug_duplicate_ids_rejected():
     """seqattn computed duplicate ids in one allocate call from the old state."""
     state = sj.init_state(CFG)
-    after, ok = sj.allocate(state, ids(1, 1), ids(3, 3))
-    np.testing.assert_array_equal(ok, [False, False])
+    after, status = sj.allocate(state, ids(1, 1), ids(3, 3))
+    np.testing.assert_array_equal(status, [Status.DUPLICATE] * 2)
     assert_same_state(after, state)
-    _, status = sj.state.allocate_status(state, ids(1, 1), ids(3, 3))
-    assert set(np.asarray(status).tolist()) == {Status.DUPLICATE}
 
 
 def test_seqattn_bug_head_ids_unique_for_any_head_count():
@@ -189,7 +185,7 @@ def test_seqattn_bug_shared_partial_page_is_never_written():
     state, kv = sj.init_state(CFG), sj.init_kv(CFG)
     state, _ = sj.allocate(state, ids(0), ids(6))  # a full page + 2 tokens
     kv, _ = _write_tokens(state, kv, ids(0), ids(6), jnp.arange(1.0, 7.0), 6)
-    state, ok, copies = sj.fork(state, ids(0), ids(1))
+    state, _, copies = sj.fork(state, ids(0), ids(1))
     kv = sj.copy_pages(CFG, kv, copies)
     state, _ = sj.allocate_decoding(state, ids(0, 1))
     kv, _ = _write_tokens(state, kv, ids(0, 1), None, jnp.array([100.0, 200.0]), 2)
@@ -197,15 +193,15 @@ def test_seqattn_bug_shared_partial_page_is_never_written():
     np.testing.assert_array_equal(_read_seq(state, kv, 1), [1, 2, 3, 4, 5, 6, 200])
     # A page a request shares through `ref` is never a partly filled one.
     t = np.asarray(state.page_table)
-    _, ok = sj.ref(state, ids(t[0, 1]))
-    assert not bool(ok.any())
-    _, ok = sj.share_prefix(state, ids(2), jnp.array([[t[0, 1]]]), ids(4))
-    assert not bool(ok.any())
+    _, status = sj.ref(state, ids(t[0, 1]))
+    np.testing.assert_array_equal(status, [Status.PARTIAL_PAGE])
+    _, status = sj.share_prefix(state, ids(2), jnp.array([[t[0, 1]]]), ids(4))
+    np.testing.assert_array_equal(status, [Status.PARTIAL_PAGE])
     # Truncating into a shared full page copies it before the next write.
     state, _ = sj.release(state, ids(1))
-    state, ok = sj.share_prefix(state, ids(2), jnp.array([[t[0, 0]]]), ids(4))
-    assert bool(ok.all())
-    state, ok, copies = sj.truncate(state, ids(2), ids(2))
+    state, status = sj.share_prefix(state, ids(2), jnp.array([[t[0, 0]]]), ids(4))
+    assert bool(sj.ok(status))
+    state, _, copies = sj.truncate(state, ids(2), ids(2))
     assert int(copies[0, 0]) == t[0, 0] and int(copies[0, 1]) != t[0, 0]
     kv = sj.copy_pages(CFG, kv, copies)
     state, _ = sj.allocate_decoding(state, ids(2))
@@ -229,13 +225,13 @@ def test_seqattn_bug_decode_step_compiles_once():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(state, seq_ids):
-        state, ok = sj.allocate_decoding(state, seq_ids)
-        return state, ok, sj.pack_for_flashinfer(state, seq_ids)
+        state, status = sj.allocate_decoding(state, seq_ids)
+        return state, sj.ok(status), sj.pack_for_flashinfer(state, seq_ids)
 
     state, _ = sj.allocate(sj.init_state(CFG), ids(0, 1), ids(1, 5))
     for _ in range(6):
         state, ok, packed = step(state, ids(0, 1, -1))
-        assert bool(ok.all())
+        assert bool(ok)
     np.testing.assert_array_equal(packed.seq_lens, [7, 11, 0])
 
 
@@ -244,12 +240,16 @@ def test_seqattn_bug_decode_step_compiles_once():
 
 def test_checked_mode_names_the_slot():
     state = checked.allocate(sj.init_state(CFG), ids(0), ids(5))
-    with pytest.raises(checkify.JaxRuntimeError, match=r"INACTIVE\) at request 1 \(id 2\)"):
+    with pytest.raises(sj.AllocatorError, match=r"request 1 \(id 2\): the slot holds no sequence \(INACTIVE\)"):
         checked.allocate_decoding(state, ids(0, 2))
-    with pytest.raises(checkify.JaxRuntimeError, match=r"OUT_OF_PAGES"):
+    with pytest.raises(ValueError, match=r"OUT_OF_PAGES"):  # AllocatorError is a ValueError
         checked.allocate(state, ids(1, 2), ids(16, 16))
-    with pytest.raises(checkify.JaxRuntimeError, match=r"new_lens\[0\] = 9"):
+    with pytest.raises(sj.AllocatorError, match=r"request 0 \(id 0\): invalid length \(BAD_LENGTH\)"):
         checked.pack_for_flashinfer(state, ids(0), ids(9), max_tokens=16)
+    with pytest.raises(sj.AllocatorError) as e:  # every failing request is named, not only the first
+        checked.allocate(state, ids(1, 0, 2, 1), ids(1, 1, 1, 1))
+    assert [(i, sid, code) for i, sid, code in e.value.failures] == [
+        (0, 1, Status.DUPLICATE), (3, 1, Status.DUPLICATE)]
     state2, copies = checked.fork(state, ids(0), ids(3))
     assert int(state2.seq_lens[3]) == 5 and copies.shape == (1, 2)
 
@@ -258,7 +258,7 @@ def test_checked_status_inside_user_jit():
     @jax.jit
     @checkify.checkify
     def f(state, seq_ids):
-        state, status = sj.state.allocate_decoding_status(state, seq_ids)
+        state, status = sj.allocate_decoding(state, seq_ids)
         checked.check_status("my_step", status, seq_ids)
         return state
 
@@ -307,9 +307,9 @@ class BadInputTest(parameterized.TestCase):
 
     def test_ids_out_of_range_are_reported(self):
         state = sj.init_state(CFG)
-        _, status = sj.state.allocate_status(state, ids(0, 4, 1000), ids(1, 1, 1))
+        _, status = sj.allocate(state, ids(0, 4, 1000), ids(1, 1, 1))
         np.testing.assert_array_equal(status, [0, Status.BAD_SLOT, Status.BAD_SLOT])
-        _, status = sj.state.ref_status(state, ids(8))
+        _, status = sj.ref(state, ids(8))
         np.testing.assert_array_equal(status, [Status.BAD_PAGE])
-        _, status = sj.state.allocate_status(state, ids(0), ids(17))
+        _, status = sj.allocate(state, ids(0), ids(17))
         np.testing.assert_array_equal(status, [Status.TOO_LONG])

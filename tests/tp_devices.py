@@ -71,12 +71,13 @@ def _serve(model, params, mesh):
 def _hlo_collectives(model, params, mesh) -> dict:
     """Collectives of the compiled decode step (an all-gather of the pool would be a copy)."""
     from seqattn_jax.serving.engine import _jitted_step  # noqa: PLC0415
-    from seqattn_jax.serving.step import StepKind, step_inputs_spec  # noqa: PLC0415
+    from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: PLC0415
 
     eng = Engine(model, params, CACHE, EngineConfig(chunk=16, backend="reference", mesh=mesh,
                                                     host_plans=False))
     kind = StepKind("decode", host_plan=False)
-    inp = {k: np.zeros(s, d) for k, (s, d) in step_inputs_spec(kind, eng.B, eng.Bp, 16).items()}
+    spec = step_inputs_spec(kind, eng.B, eng.Bp, 16)
+    inp = pack_inputs(spec, {k: np.zeros(s, d) for k, (s, d) in spec.items()})
     fn = _jitted_step(model, CACHE, kind, eng.B, eng.Bp, 16, eng.backend, eng.tp)
     hlo = fn.lower(eng.params, eng.kv, eng.state, eng.last_tok, inp, None).compile().as_text()
     lines = [ln for ln in hlo.splitlines() if "all-gather(" in ln or "all-reduce(" in ln

@@ -192,7 +192,7 @@ def config_from_hf(hf: dict, dtype=None, *, backend: str = "auto") -> LlamaConfi
     if heads % kv_heads:
         raise ValueError(f"config.json: num_attention_heads={heads} must be a multiple of "
                          f"num_key_value_heads={kv_heads}")
-    from seqattn_jax.attention import FLASHINFER_HEAD_DIMS  # noqa: PLC0415 - imports no torch
+    from seqattn_jax.config import FLASHINFER_HEAD_DIMS  # noqa: PLC0415
 
     if head_dim not in FLASHINFER_HEAD_DIMS and backend != "reference":
         msg = (f"config.json: head_dim={head_dim}: FlashInfer's kernels are compiled for head_dim in "

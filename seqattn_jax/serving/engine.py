@@ -51,9 +51,11 @@ from seqattn_jax.kv import init_kv
 from seqattn_jax.prefix_cache import PrefixCache
 from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
+from seqattn_jax.serving.step import (StepKind, build_step, num_out_rows, pack_inputs,
+                                      step_inputs_spec, step_options)
 from seqattn_jax.sharding import TensorParallel
-from seqattn_jax.serving.step import StepKind, build_step, num_out_rows, step_inputs_spec, step_options
 from seqattn_jax.state import allocate, init_state, release
+from seqattn_jax.validation import Status
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestHandle"]
 
@@ -225,8 +227,7 @@ class RequestHandle:
 class _Pending:
     """A dispatched step whose tokens the host has not read yet."""
 
-    tokens: jax.Array                     # int32 [R]
-    flags: jax.Array                      # bool [2]: allocation ok, plan ok
+    out: jax.Array                        # int32 [R + 2]: tokens, then allocation ok, plan ok
     rows: list                            # (row index, request) whose token counts
     kind: str
 
@@ -425,9 +426,10 @@ class Engine:
                     inp.update(self._sampling_arrays([None] * r, [0] * r))
                     hp = self._host_plan(kind_name, inp, d_lens, c) if kind.host_plan else None
                     fn = self._step_fn(kind, c)
-                    self.kv, _, last, toks, flags = fn(self.params, self.kv, state,
-                                                       jnp.zeros_like(self.last_tok), inp, hp)
-                    if not bool(np.all(np.asarray(flags))):
+                    flat = pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp)
+                    self.kv, _, last, out = fn(self.params, self.kv, state,
+                                               jnp.zeros_like(self.last_tok), flat, hp)
+                    if not np.all(np.asarray(out)[-2:] == 1):
                         raise RuntimeError(f"warmup: the {kind_name} step's checks failed")
         # the allocator / prefix-cache programs of admission, indexing and release (fixed shapes)
         prompt = np.zeros((min(cfg.page_size + 1, cfg.max_seq_len),), np.int32)
@@ -552,15 +554,15 @@ class Engine:
             self._running[s] = r
         if self.pc is None:
             lens = [len(r.prompt) for r in reqs]
-            self.state, ok = self._alloc(self.state, self._pad(slots), self._pad(lens, 0))
-            self._checks.append(("admission", ok))
+            self.state, status = self._alloc(self.state, self._pad(slots), self._pad(lens, 0))
+            self._checks.append(("admission", status))
             self._free -= sum(self.cache.pages_for(n) for n in lens)
             cached = [0] * len(reqs)
         else:
             adm = self.pc.admit_batch(self.state, self._pad(slots),
                                       [r.prompt for r in reqs] + [np.zeros((1,), np.int32)] *
                                       (self.B - len(reqs)))
-            if not np.all(adm.ok[:len(reqs)]):
+            if not adm.ok:
                 raise RuntimeError(f"admission refused (status {adm.status[:len(reqs)].tolist()}): "
                                    "a scheduler bug, pages are checked before admission")
             self.state = adm.state
@@ -575,12 +577,12 @@ class Engine:
     def _release_slots(self, reqs: list[_Request]) -> None:
         slots = self._pad([r.slot for r in reqs])
         if self.pc is None:
-            self.state, ok = self._release(self.state, slots)
-            self._checks.append(("release", ok))
+            self.state, status = self._release(self.state, slots)
+            self._checks.append(("release", status))
             self._free += sum(self.cache.pages_for(self._held(r)) for r in reqs)
         else:
-            self.state, oks, _ = self.pc.release(self.state, slots)
-            if not np.all(oks):
+            self.state, status, _ = self.pc.release(self.state, slots)
+            if not np.all(status == Status.OK):
                 raise RuntimeError(f"release of slots {[r.slot for r in reqs]} refused")
             self._sync_rc()
         for r in reqs:
@@ -686,18 +688,17 @@ class Engine:
         if use_host_plan:
             host_plan = self._host_plan(kind_name, inp, lens if decode else None, C)
         inp.update(self._sampling_arrays(samplers, counters))
-        spec = step_inputs_spec(kind, B, Bp, C)
-        assert set(spec) == set(inp), (sorted(spec), sorted(inp))
+        flat = pack_inputs(step_inputs_spec(kind, B, Bp, C), inp)
         fn = self._step_fn(kind, C)
         try:
-            self.kv, self.state, self.last_tok, toks, flags = fn(
-                self.params, self.kv, self.state, self.last_tok, inp, host_plan)
+            self.kv, self.state, self.last_tok, out = fn(
+                self.params, self.kv, self.state, self.last_tok, flat, host_plan)
         except Exception:
             if use_host_plan:
                 self.backend.discard_host_plans()
             raise
         self.stats.steps[kind_name] += 1
-        self._pending.append(_Pending(toks, flags, rows, kind_name))
+        self._pending.append(_Pending(out, rows, kind_name))
         in_use = cfg.num_pages - self._free
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
 
@@ -732,15 +733,15 @@ class Engine:
     # ------------------------------------------------------------------------ read-back
 
     def _flush_checks(self) -> None:
-        for what, ok in self._checks:
-            if not bool(np.all(np.asarray(ok))):
+        for what, status in self._checks:
+            if not np.all(np.asarray(status) == Status.OK):
                 raise RuntimeError(f"engine: a device {what} was refused (the host's page mirror "
                                    "is out of step with the allocator: an engine bug)")
         self._checks.clear()
 
     def _receive(self, p: _Pending) -> None:
-        toks = np.asarray(p.tokens)
-        flags = np.asarray(p.flags)
+        out = np.asarray(p.out)                 # the one device-to-host read of a step
+        toks, flags = out[:-2], out[-2:]
         if not flags[0]:
             raise RuntimeError(f"engine: a {p.kind} step's page allocation was refused (the host's "
                                "page mirror is out of step with the allocator: an engine bug)")

@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqattn_jax import attention
 from seqattn_jax.config import CacheConfig
@@ -29,8 +30,9 @@ from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
 from seqattn_jax.serving.sampling import sample_tokens
 from seqattn_jax.state import allocate_decoding
+from seqattn_jax.validation import ok
 
-__all__ = ["StepKind", "build_step", "step_inputs_spec"]
+__all__ = ["StepKind", "build_step", "pack_inputs", "step_inputs_spec", "unpack_inputs"]
 
 KINDS = ("prefill", "decode", "mixed")
 
@@ -76,6 +78,29 @@ def step_inputs_spec(kind: StepKind, B: int, Bp: int, C: int) -> dict[str, tuple
     return spec
 
 
+def pack_inputs(spec: dict, inp: dict) -> np.ndarray:
+    """The step's host arrays as ONE int32 vector (floats and uint32 bitcast), in `spec` order: one
+    host-to-device transfer per step instead of one per array."""
+    parts = []
+    for name, (shape, dtype) in spec.items():
+        a = np.ascontiguousarray(inp[name], dtype)
+        if a.shape != shape:
+            raise ValueError(f"step input {name} must have shape {shape}, got {a.shape}")
+        parts.append(a.view(np.int32).reshape(-1))
+    return np.concatenate(parts)
+
+
+def unpack_inputs(spec: dict, flat) -> dict:
+    """Inside the step: `pack_inputs`' vector back into named arrays."""
+    out, off = {}, 0
+    for name, (shape, dtype) in spec.items():
+        n = int(np.prod(shape))
+        x = flat[off:off + n].reshape(shape)
+        out[name] = x if dtype == "int32" else jax.lax.bitcast_convert_type(x, jnp.dtype(dtype))
+        off += n
+    return out
+
+
 def _write_view(packed_p: PackedBatch, packed_d: PackedBatch) -> PackedBatch:
     """A PackedBatch whose token rows are the prefill rows then the decode rows: what `append_kv`
     reads (`token_pages`, `token_offsets`) for one scatter over the whole step."""
@@ -96,10 +121,11 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                tp=None):
     """The pure step function of `kind` (jit it with the pool, state and last_tok donated).
 
-    step(params, kv, state, last_tok, inp, host_plan) ->
-        (kv, state, last_tok, tokens int32 [R], flags bool [2] = (allocation ok, plan ok))
+    step(params, kv, state, last_tok, flat_inputs, host_plan) ->
+        (kv, state, last_tok, out int32 [R + 2]: the R sampled tokens, then (allocation ok,
+         plan ok) as 0/1)
 
-    `inp` holds the arrays of `step_inputs_spec`; `host_plan` is the step's `HostPlan`
+    `flat_inputs` is `pack_inputs` of the arrays of `step_inputs_spec` (one transfer); `host_plan` is the step's `HostPlan`
     (`host_plan_decode` / `host_plan_prefill` / `host_plan_batch_pod`) when `kind.host_plan`,
     else None. `backend` is a backend object (or name).
 
@@ -117,7 +143,10 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
     if tp is not None:   # plans and attention see one device's heads
         cache, hq = tp.local_cache(cache), tp.local_heads(hq)
 
-    def step(params, kv, state, last_tok, inp, host_plan):
+    spec = step_inputs_spec(kind, B, Bp, C)
+
+    def step(params, kv, state, last_tok, flat, host_plan):
+        inp = unpack_inputs(spec, flat)
         packed_p = packed_d = None
         ok_alloc = jnp.asarray(True)
         if kind.has_prefill:
@@ -127,8 +156,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                                            kv_lens=inp["p_end"])
         if kind.has_decode:
             d_ids = inp["d_ids"]
-            state, ok = allocate_decoding(state, d_ids)
-            ok_alloc = jnp.all(ok)
+            state, status = allocate_decoding(state, d_ids)
+            ok_alloc = ok(status)
             d_ids = jnp.where(ok_alloc, d_ids, -1)   # never write where the allocation was refused
             packed_d = pack_for_flashinfer(state, d_ids)
             d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
@@ -189,7 +218,7 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             off = Bp if kind.has_prefill else 0
             last_tok = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].set(toks[off:off + B],
                                                                             mode="drop")
-        flags = jnp.stack([ok_alloc, plan.ok])
-        return kv, state, last_tok, toks, flags
+        flags = jnp.stack([ok_alloc, plan.ok]).astype(jnp.int32)
+        return kv, state, last_tok, jnp.concatenate([toks, flags])   # one device-to-host read
 
     return step
