@@ -26,12 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import serve_bench as sb  # noqa: E402
-from seqattn_jax import attention  # noqa: E402
-from seqattn_jax.serving import engine as engine_mod  # noqa: E402
-from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: E402
 
 
 def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
@@ -99,29 +95,7 @@ def main(argv=None):
     print(f"served step {served * 1e3:.3f} ms; host profile of Engine.step (tottime):")
     print(s.getvalue()[:6000])
     # device-bound steps under the profiler
-    kind = StepKind("decode", greedy_only=True, host_plan=True)
-    fn = engine_mod._jitted_step(eng.model, eng.cache, kind, eng.B, eng.Bp, eng.config.chunk,
-                                 eng.backend)
-    while eng._pending:
-        eng._receive(eng._pending.popleft())
-    slots = sorted(eng._running)
-    d_ids = np.full((eng.B,), -1, np.int32)
-    d_ids[:len(slots)] = slots
-    lens = np.zeros((eng.B,), np.int32)
-    lens[:len(slots)] = [eng._running[x].kv_len for x in slots]
-    inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
-    inp = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
-    kv, state, last = eng.kv, eng.state, eng.last_tok
-
-    def run(n):
-        nonlocal kv, state, last
-        for _ in range(n):
-            lens[:len(slots)] += 1
-            hp = attention.host_plan_decode(eng.cache, lens, cfg.num_heads, options=eng.options,
-                                            q_dtype=eng.cache.jnp_dtype, backend=eng.backend)
-            kv, state, last, out = fn(params, kv, state, last, inp, hp)
-        jax.block_until_ready(last)
-
+    run = sb.device_bound_loop(eng)
     run(3)
     t0 = time.perf_counter()
     run(a.steps)

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from seqattn_jax.config import CacheConfig
-from seqattn_jax.validation import Status, as_ids, check_state, first_error
+from seqattn_jax.state import check_state
+from seqattn_jax.validation import Status, as_ids, first_error
 
 
 @jax.tree_util.register_dataclass

@@ -87,8 +87,8 @@ import numpy as np
 
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import scrub_pages
-from seqattn_jax.state import CacheState, Status, allocate, ref, release, share_prefix, unref
-from seqattn_jax.validation import check_config, check_state
+from seqattn_jax.state import CacheState, Status, allocate, check_state, ref, release, share_prefix, unref
+from seqattn_jax.validation import check_config
 
 __all__ = ["Admission", "EvictResult", "PrefixCache", "PrefixCacheStats", "freed_pages"]
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from seqattn_jax.config import CacheConfig
-from seqattn_jax.validation import (STATUS_MESSAGES, Status, as_ids, check_config, check_state, first_error,
+from seqattn_jax.validation import (STATUS_MESSAGES, Status, as_ids, check_config, first_error,
                                    ok, same_shape)
 
 __all__ = ["STATUS_MESSAGES", "CacheState", "Status", "allocate", "allocate_decoding", "fork", "init_state",
@@ -76,6 +76,14 @@ class CacheState:
 
     def _replace(self, **kw) -> CacheState:
         return dataclasses.replace(self, **kw)
+
+
+def check_state(state, where: str) -> CacheState:
+    """`state` must be a `CacheState`; returns it."""
+    if not isinstance(state, CacheState):
+        raise ValueError(f"{where}: state must be a CacheState (from seqattn_jax.init_state), got "
+                         f"{type(state).__name__}")
+    return state
 
 
 def init_state(config: CacheConfig) -> CacheState:

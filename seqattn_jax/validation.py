@@ -128,16 +128,6 @@ def check_config(config, where: str) -> CacheConfig:
     return config
 
 
-def check_state(state, where: str):
-    """`state` must be a `CacheState`; returns it."""
-    from seqattn_jax.state import CacheState  # noqa: PLC0415 - state imports this module
-
-    if not isinstance(state, CacheState):
-        raise ValueError(f"{where}: state must be a CacheState (from seqattn_jax.init_state), got "
-                         f"{type(state).__name__}")
-    return state
-
-
 def as_ids(name: str, x, ndim: int = 1) -> jax.Array:
     """`x` as int32 after checking it is an integer array of rank `ndim` (ids, lengths)."""
     x = jnp.asarray(x)

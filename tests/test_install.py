@@ -29,11 +29,12 @@ def test_missing_optional_dependency_names_the_extra(module, missing, extra):
 
 
 def test_bridge_imports_by_its_plain_name_from_a_checkout():
-    """No install: `import seqattn_jax.bridge` finds ../bridge (an installed mapping wins)."""
+    """No install: `import seqattn_jax.bridge` finds ../bridge through the seqattn_jax/bridge link
+    (an installed mapping wins)."""
     pytest.importorskip("torch", reason="importing the bridge imports torch")
     res = _run("import seqattn_jax, seqattn_jax.bridge as b, seqattn_jax.bridge.ops as ops; "
-               "from seqattn_jax import attention; "
-               "assert attention.bridge_module('ops') is ops; print(b.__file__)")
+               "from seqattn_jax import bridge; assert bridge is b and b.ops is ops; "
+               "print(b.__file__)")
     assert res.returncode == 0, res.stderr[-2000:]
     assert Path(res.stdout.strip()).resolve() == (ROOT / "bridge" / "__init__.py").resolve(), res.stdout
 

@@ -1,0 +1,22 @@
+"""The serving benchmark's code paths on a CPU (tiny shape, reference backend): the figures it
+prints on a GPU come from the same functions."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_serve_bench_decode_runs_on_a_tiny_shape(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "decode",
+                          "--shapes", "tiny", "--batches", "4", "--steps", "6", "--no-torch",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads(next(tmp_path.glob("serve_decode_*.json")).read_text())
+    assert row["shape"] == "tiny" and row["batch"] == 4
+    assert row["served_ms"] > 0 and row["device_bound_ms"] > 0 and row["hbm_floor_ms"] > 0
