@@ -92,8 +92,9 @@ def test_one_device_mesh_and_bad_arguments():
 
 @pytest.fixture(scope="module")
 def devices4():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    # the suite's own XLA_FLAGS (conftest: fast CPU compiles) plus 4 fake CPU devices
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "tests.tp_devices"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
