@@ -44,7 +44,7 @@ from seqattn_jax.kv import scatter_kv
 from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch
 from seqattn_jax.plans import AttentionPlan, HostPlan, PlanMeta
-from seqattn_jax.validation import check_num_qo_heads
+from seqattn_jax.validation import check_num_qo_heads, check_same_pages
 
 __all__ = [
     "APPEND_IMPLS", "adopt_plan", "append_kv", "batch_decode", "batch_pod", "batch_prefill",
@@ -59,9 +59,11 @@ APPEND_IMPLS = ("scatter", "backend")
 # validation shared by the ops
 # ----------------------------------------------------------------------------------------------
 
-def _check_packed(where: str, packed):
+def _check_packed(where: str, packed, config: CacheConfig | None = None):
     if not isinstance(packed, PackedBatch):
         raise ValueError(f"{where} must be a seqattn_jax.PackedBatch, got {type(packed).__name__}")
+    if config is not None:   # a batch packed from another config addresses other pages
+        check_same_pages(where.split(":")[0], config, packed.config, where.split(": ")[-1])
 
 
 def _options(where: str, options) -> AttentionOptions:
@@ -149,7 +151,7 @@ def plan_decode(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *,
       backend: a name or a backend object (see the module docstring).
       plan_id: tells apart two plans with identical shapes and options alive in one step.
     """
-    _check_packed("plan_decode: packed", packed)
+    _check_packed("plan_decode: packed", packed, config)
     b = packed.batch_size
     meta = _meta("plan_decode", config, "decode", num_qo_heads, options=options, q_dtype=q_dtype,
                  backend=backend, plan_id=plan_id, batch_size=b, num_rows=b)
@@ -160,7 +162,7 @@ def plan_prefill(config: CacheConfig, packed: PackedBatch, num_qo_heads: int, *,
                  options: AttentionOptions | None = None, q_dtype=None, backend="auto",
                  plan_id: int = 0) -> AttentionPlan:
     """Plan this step's paged prefill batch (T rows by `packed.qo_indptr`; `options.causal`)."""
-    _check_packed("plan_prefill: packed", packed)
+    _check_packed("plan_prefill: packed", packed, config)
     meta = _meta("plan_prefill", config, "prefill", num_qo_heads, options=options,
                  q_dtype=q_dtype, backend=backend, plan_id=plan_id, batch_size=packed.batch_size,
                  num_rows=packed.num_token_rows)
@@ -172,7 +174,7 @@ def plan_pod(config: CacheConfig, packed_d: PackedBatch, num_qo_heads: int, *,
              plan_id: int = 0) -> AttentionPlan:
     """Plan `pod` (its decode part: the single contiguous prefill request needs no plan;
     `options.causal` applies to the prefill part)."""
-    _check_packed("plan_pod: packed_d", packed_d)
+    _check_packed("plan_pod: packed_d", packed_d, config)
     b = packed_d.batch_size
     meta = _meta("plan_pod", config, "pod", num_qo_heads, options=options, q_dtype=q_dtype,
                  backend=backend, plan_id=plan_id, batch_size=b, num_rows=b)
@@ -183,8 +185,8 @@ def plan_batch_pod(config: CacheConfig, packed_p: PackedBatch, packed_d: PackedB
                    num_qo_heads: int, *, options: AttentionOptions | None = None, q_dtype=None,
                    backend="auto", plan_id: int = 0) -> AttentionPlan:
     """Plan both parts of `batch_pod` (`options.causal` applies to the prefill part)."""
-    _check_packed("plan_batch_pod: packed_p", packed_p)
-    _check_packed("plan_batch_pod: packed_d", packed_d)
+    _check_packed("plan_batch_pod: packed_p", packed_p, config)
+    _check_packed("plan_batch_pod: packed_d", packed_d, config)
     meta = _meta("plan_batch_pod", config, "batch_pod", num_qo_heads, options=options,
                  q_dtype=q_dtype, backend=backend, plan_id=plan_id,
                  batch_size=packed_d.batch_size, num_rows=packed_p.num_token_rows,
@@ -282,7 +284,7 @@ def batch_decode(config: CacheConfig, q, kv, packed: PackedBatch, *,
                  options: AttentionOptions | None = None, backend="auto"):
     """Decode attention, one query per request: `reference.batch_decode`'s contract (q[B, Hq, D],
     row b is request b; out [B, Hq, D], with `options.return_lse` (out, lse [B, Hq] base 2))."""
-    _check_packed("batch_decode: packed", packed)
+    _check_packed("batch_decode: packed", packed, config)
     plan = _run_plan("batch_decode", "decode", plan, options, lambda o: plan_decode(
         config, packed, q.shape[1], options=o, q_dtype=q.dtype, backend=backend))
     _check_batch("batch_decode", "packed", packed, plan.meta.batch_size, plan.meta.batch_size)
@@ -295,7 +297,7 @@ def batch_prefill(config: CacheConfig, q, kv, packed: PackedBatch, *,
                   options: AttentionOptions | None = None, backend="auto"):
     """Paged prefill / append attention: `reference.batch_prefill`'s contract (q[T, Hq, D], rows
     by `packed.qo_indptr`, padding rows give 0; causal per `options.causal`)."""
-    _check_packed("batch_prefill: packed", packed)
+    _check_packed("batch_prefill: packed", packed, config)
     plan = _run_plan("batch_prefill", "prefill", plan, options, lambda o: plan_prefill(
         config, packed, q.shape[1], options=o, q_dtype=q.dtype, backend=backend))
     _check_batch("batch_prefill", "packed", packed, plan.meta.batch_size, plan.meta.num_rows)
@@ -308,7 +310,7 @@ def pod(config: CacheConfig, q_p, k_p, v_p, q_d, kv, packed_d: PackedBatch, *,
         backend="auto"):
     """Prefill-on-decode in one launch: `reference.pod`'s contract (`options.causal` is the
     prefill part's). Returns (out_p, out_d), or ((out_p, lse_p), (out_d, lse_d))."""
-    _check_packed("pod: packed_d", packed_d)
+    _check_packed("pod: packed_d", packed_d, config)
     plan = _run_plan("pod", "pod", plan, options, lambda o: plan_pod(
         config, packed_d, q_d.shape[1], options=o, q_dtype=q_d.dtype, backend=backend))
     _check_batch("pod", "packed_d", packed_d, plan.meta.batch_size, None)
@@ -322,8 +324,8 @@ def batch_pod(config: CacheConfig, q_p, packed_p: PackedBatch, q_d, packed_d: Pa
               options: AttentionOptions | None = None, backend="auto"):
     """A paged prefill batch and a decode batch in one launch: `reference.batch_pod`'s contract.
     Returns (out_p, out_d), or ((out_p, lse_p), (out_d, lse_d))."""
-    _check_packed("batch_pod: packed_p", packed_p)
-    _check_packed("batch_pod: packed_d", packed_d)
+    _check_packed("batch_pod: packed_p", packed_p, config)
+    _check_packed("batch_pod: packed_d", packed_d, config)
     plan = _run_plan("batch_pod", "batch_pod", plan, options, lambda o: plan_batch_pod(
         config, packed_p, packed_d, q_d.shape[1], options=o, q_dtype=q_d.dtype, backend=backend))
     _check_batch("batch_pod", "packed_p", packed_p, plan.meta.batch_size_p, plan.meta.num_rows)
@@ -353,7 +355,7 @@ def append_kv(config: CacheConfig, kv, keys, values, packed: PackedBatch, *, lay
     if not isinstance(plan, AttentionPlan):
         raise ValueError(f"append_kv: impl='backend' needs the step's plan (plan=), got "
                          f"{type(plan).__name__}")
-    _check_packed("append_kv: packed", packed)
+    _check_packed("append_kv: packed", packed, config)
     rows = plan.meta.num_rows if plan.meta.kind == "prefill" else plan.meta.batch_size
     if plan.meta.kind == "batch_pod" or packed.num_token_rows != rows:
         raise ValueError(f"append_kv: impl='backend' needs a decode / prefill / pod plan of this "
