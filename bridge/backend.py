@@ -78,14 +78,30 @@ class FlashInferBackend:
         torch kernels: the same plan / callback / aliasing mechanics on a CPU, for tests), or a
         provider object (`ops.KernelProvider`).
       transport: "auto", "ffi" or "callback" (see the module docstring).
+      devices: None (one device: the current one), or the devices a tensor-parallel step runs the
+        backend on (`jax.Device`s or their local ordinals, e.g. `mesh.devices.flat`): every plan
+        key gets a slot (modules, workspaces, host-plan queue) on each, every host plan is made
+        once per device, and each device's callbacks use their own slot (see ops.py, "Several
+        devices"). With more than one device the runs are buffer_callbacks (the FFI shim keeps
+        one plan per slot id, not per device): transport "ffi" is refused.
     """
 
     name = "flashinfer"
 
-    def __init__(self, provider="flashinfer", transport: str = "auto"):
+    def __init__(self, provider="flashinfer", transport: str = "auto", devices=None):
         if transport not in TRANSPORTS:
             raise ValueError(f"FlashInferBackend: transport must be one of {TRANSPORTS}, "
                              f"got {transport!r}")
+        if devices is not None:
+            devices = tuple(int(getattr(d, "local_hardware_id", None) if
+                                getattr(d, "local_hardware_id", None) is not None else
+                                getattr(d, "id", d)) for d in devices)
+            if not devices or len(set(devices)) != len(devices) or min(devices) < 0:
+                raise ValueError(f"FlashInferBackend: devices must be distinct devices or "
+                                 f"ordinals, at least one, got {devices!r}")
+            if len(devices) > 1 and transport == "ffi":
+                raise ValueError("FlashInferBackend: transport='ffi' runs on one device; with "
+                                 "several devices use transport 'callback' or 'auto'")
         if isinstance(provider, str):
             if provider == "flashinfer":
                 from .fi_provider import FlashInferProvider  # noqa: PLC0415
@@ -103,12 +119,15 @@ class FlashInferBackend:
                              f"the {provider.name!r} provider")
         self.provider = provider
         self.transport = transport
-        self.slots = ops.PlanSlots(provider)
+        self.devices = devices
+        self.slots = ops.PlanSlots(provider, devices)
         self._keyed: dict = {}
         self.host_plan_depth = ops.HOST_PLAN_DEPTH
 
     def __repr__(self):
-        return f"FlashInferBackend(provider={self.provider.name!r}, transport={self.transport!r})"
+        devs = "" if self.devices is None else f", devices={self.devices}"
+        return (f"FlashInferBackend(provider={self.provider.name!r}, "
+                f"transport={self.transport!r}{devs})")
 
     # ------------------------------------------------------------------ capabilities
 
@@ -145,7 +164,7 @@ class FlashInferBackend:
     def _ffi(self, kind: str) -> bool:
         """Whether this kind's runs are XLA FFI calls."""
         if self.transport == "callback" or kind not in ("decode", "prefill") or \
-                not self.provider.has_ffi:
+                not self.provider.has_ffi or (self.devices is not None and len(self.devices) > 1):
             return False
         if ffi.available():
             return True
@@ -207,7 +226,7 @@ class FlashInferBackend:
         # the real token rows: decode and batch POD plans never run FlashInfer's append
         # (append_kv's impl='backend' needs a plan made in the step); prefill rows are a prefix
         append_rows = int(layout["qo_indptr"][-1]) if meta.kind == "prefill" else None
-        ops.host_plan(self.slots.get(meta.key), layout, append_rows, expected)
+        ops.host_plan(self.slots.get(meta.key), layout, append_rows, expected, self.devices)
         return HostPlan(None, meta)
 
     def adopt(self, host_plan, n_expected):

@@ -68,14 +68,22 @@ class StreamScope:
     that enqueues XLA's work for one device.
     """
 
-    __slots__ = ("stream", "prev")
+    __slots__ = ("stream", "prev", "prev_device")
 
     def __init__(self, stream):
         self.stream = stream
         self.prev = None
+        self.prev_device = None
 
     def __enter__(self):
         if self.stream is not None:
+            # several GPUs (tensor parallel): each device's callbacks run on that device's thread;
+            # make the stream's device torch's current one there, so torch and FlashInfer launch
+            # on it (a no-op on one GPU)
+            dev, cur = self.stream.device_index, torch.cuda.current_device()
+            if dev != cur:
+                self.prev_device = cur
+                torch.cuda.set_device(dev)
             self.prev = torch.cuda.current_stream(self.stream.device)
             torch.cuda.set_stream(self.stream)
         return self.stream
@@ -83,6 +91,9 @@ class StreamScope:
     def __exit__(self, *exc):
         if self.stream is not None:
             torch.cuda.set_stream(self.prev)
+            if self.prev_device is not None:
+                torch.cuda.set_device(self.prev_device)
+                self.prev_device = None
         return False
 
 

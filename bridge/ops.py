@@ -24,7 +24,14 @@ the work split, writes the schedule into an int workspace on the GPU and returns
    batches of identical shape) must use different `plan_id`s.
 4. Workspaces: one float workspace per device and provider shared by all slots (runs are
    serialised on XLA's stream), an int workspace and pinned host buffer per slot, all allocated
-   once. Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace
+   once.
+6. Several devices (tensor parallel, `seqattn_jax.sharding`): under `shard_map` every device runs
+   the plan / adopt / run callbacks itself, with its own buffers, on its own thread. A slot is
+   therefore per (PlanKey, device): the slot a trace binds into its callbacks is the key's slot on
+   the home device, and each callback takes `slot.on(device)`, the key's slot on the device its
+   buffers live on (their DLPack device id), with that device current in torch. A host plan is
+   made once per device of the backend (`FlashInferBackend(devices=...)`) and each device's adopt
+   pops its own queue. Kernel modules are loaded (JIT-compiled on first use) when the slot is created, at trace
    time.
 5. Host plans (decode, prefill, batch POD): `host_plan` plans on the host before the step from
    lengths the caller knows, into a ring entry's own int workspaces; `adopt` (a buffer_callback
@@ -43,6 +50,7 @@ alias mechanics). Providers write 0 (LSE -inf) for a request without pages; rows
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -123,13 +131,38 @@ class KernelProvider(Protocol):
 _slot_ids = itertools.count()     # the FFI shim's names for slots: unique in the process
 
 
-class PlanSlot:
-    """Host-side state of one plan key: kernel modules, workspaces, the current plan."""
+def _device(buf) -> int:
+    """The device ordinal of a callback buffer: its DLPack device id (the CUDA device index on a
+    GPU, the CPU device's id on a CPU)."""
+    return int(buf.__dlpack_device__()[1])
 
-    def __init__(self, key: PlanKey, provider: KernelProvider):
+
+def _device_guard(device: int):
+    """torch's current CUDA device set to `device` for the block (nothing without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.current_device() != device:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def home_device() -> int:
+    """The device ordinal slots are created on by default: torch's current CUDA device, else 0."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+_peer_lock = threading.Lock()
+
+
+class PlanSlot:
+    """Host-side state of one plan key on one device: kernel modules, workspaces, the current
+    plan. `on(device)` is the same key's slot on another device."""
+
+    def __init__(self, key: PlanKey, provider: KernelProvider, device: int | None = None):
         self.key = key
         self.provider = provider
-        self.state: Any = provider.make_state(key)   # modules, workspaces (trace time)
+        self.device = home_device() if device is None else int(device)
+        with _device_guard(self.device):
+            self.state: Any = provider.make_state(key)   # modules, workspaces (trace time)
+        self.peers: dict[int, PlanSlot] = {self.device: self}   # shared by the key's slots
         self.id = next(_slot_ids)
         self.plan_info: Any = None
         self.plan_info_p: Any = None                  # batch POD: the prefill part's
@@ -146,26 +179,44 @@ class PlanSlot:
         self.current: _RingEntry | None = None        # ring entry adopted by the latest step
         self.host_seq = 0
 
+    def on(self, device: int) -> "PlanSlot":
+        """This key's slot on `device` (created on first use: modules, workspaces there)."""
+        s = self.peers.get(device)
+        if s is None:
+            with _peer_lock:
+                s = self.peers.get(device)
+                if s is None:
+                    s = PlanSlot(self.key, self.provider, device)
+                    s.peers, s.callbacks = self.peers, self.callbacks
+                    self.peers[device] = s
+        return s
+
 
 class PlanSlots:
     """A backend's plan slots, by `PlanKey` (created at trace time, kept for the backend's life)."""
 
-    def __init__(self, provider: KernelProvider):
+    def __init__(self, provider: KernelProvider, devices: tuple[int, ...] | None = None):
         self.provider = provider
+        self.devices = devices          # device ordinals every key gets a slot on (None: home)
         self._slots: dict[PlanKey, PlanSlot] = {}
         self._lock = threading.Lock()
 
     def get(self, key: PlanKey) -> PlanSlot:
+        """The key's slot on the home device (its peers on `devices` created with it)."""
         slot = self._slots.get(key)
         if slot is None:
             with self._lock:
                 slot = self._slots.get(key)
                 if slot is None:
-                    slot = self._slots[key] = PlanSlot(key, self.provider)
+                    home = None if not self.devices else self.devices[0]
+                    slot = PlanSlot(key, self.provider, home)
+                    for d in self.devices or ():
+                        slot.on(d)
+                    self._slots[key] = slot
         return slot
 
     def __iter__(self):
-        return iter(list(self._slots.values()))
+        return iter([p for s in list(self._slots.values()) for p in list(s.peers.values())])
 
     def num_plans(self) -> int:
         """Plans made (in steps or adopted) over all slots."""
@@ -225,11 +276,12 @@ def _planned(slot: PlanSlot) -> None:
     slot.num_plans += 1
 
 
-def _plan_callback(slot: PlanSlot):
-    key = slot.key
+def _plan_callback(home: PlanSlot):
+    key = home.key
 
     def cb(ctx, token, meta):
-        stream = xla_stream(ctx)
+        slot = home.on(_device(meta))
+        stream = xla_stream(ctx, slot.device)
         with StreamScope(stream):
             meta_t = as_torch(meta)
             host = _split_meta(key, meta_t.cpu().numpy())   # waits for XLA's stream
@@ -355,7 +407,24 @@ def _take_entry(slot: PlanSlot) -> _RingEntry:
 
 
 def host_plan(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: int | None,
-              expected: np.ndarray) -> int:
+              expected: np.ndarray, devices: tuple[int, ...] | None = None) -> int:
+    """`_host_plan_one` on each of `devices` (None: the slot's own device): every device that
+    runs the step adopts its own copy of the plan."""
+    slots = [slot] if not devices else [slot.on(d) for d in devices]
+    for s in slots:
+        if len(s.queue) >= HOST_PLAN_DEPTH:
+            raise RuntimeError(
+                f"seqattn_jax: {len(s.queue)} host plans of this shape already wait for a step; "
+                f"each jitted step adopts one (at most {HOST_PLAN_DEPTH} may wait)")
+    seq = 0
+    for s in slots:
+        with _device_guard(s.device):
+            seq = _host_plan_one(s, layout, append_rows, expected)
+    return seq
+
+
+def _host_plan_one(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: int | None,
+                   expected: np.ndarray) -> int:
     """Plan `slot` on the host from `layout` (numpy int32 planning arrays by section name) and
     queue the plan for the next step that adopts this slot. `expected` (int32, at most
     MAX_HOST_PLAN_ENTRIES entries) travels with the plan to the device: the step that adopts the
@@ -394,9 +463,10 @@ def host_plan(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: int | 
     return e.seq
 
 
-def _adopt_callback(slot: PlanSlot):
+def _adopt_callback(home: PlanSlot):
     def cb(ctx, outs):
-        stream = xla_stream(ctx)
+        slot = home.on(_device(outs[0]))
+        stream = xla_stream(ctx, slot.device)
         with StreamScope(stream):
             if not slot.queue:
                 raise RuntimeError(f"seqattn_jax: a step adopts a host plan of slot {slot.id} but "
@@ -453,11 +523,12 @@ def _cached(slot: PlanSlot, name: str, make, *args):
     return cb
 
 
-def _decode_cb(slot: PlanSlot, rp: RunParams):
-    run = slot.provider.decode
+def _decode_cb(home: PlanSlot, rp: RunParams):
+    run = home.provider.decode
 
     def cb(ctx, outs, q, kv, indptr, indices, lpl, token):
-        with StreamScope(xla_stream(ctx)):
+        slot = home.on(_device(q))
+        with StreamScope(xla_stream(ctx, slot.device)):
             k, v = _split_kv(as_torch(kv))
             lse = as_torch(outs[1]) if rp.return_lse else None
             run(slot, as_torch(q), k, v, as_torch(indptr), as_torch(indices), as_torch(lpl),
@@ -475,11 +546,12 @@ def decode(slot: PlanSlot, rp: RunParams, token, q, kv, indptr, indices, lpl, pa
     return f(q, kv, indptr, indices, lpl, token)
 
 
-def _prefill_cb(slot: PlanSlot, rp: RunParams):
-    run = slot.provider.prefill
+def _prefill_cb(home: PlanSlot, rp: RunParams):
+    run = home.provider.prefill
 
     def cb(ctx, outs, q, kv, qo_indptr, indptr, indices, lpl, token):
-        with StreamScope(xla_stream(ctx)):
+        slot = home.on(_device(q))
+        with StreamScope(xla_stream(ctx, slot.device)):
             k, v = _split_kv(as_torch(kv))
             lse = as_torch(outs[1]) if rp.return_lse else None
             run(slot, as_torch(q), k, v, as_torch(qo_indptr), as_torch(indptr),
@@ -497,11 +569,12 @@ def prefill(slot: PlanSlot, rp: RunParams, token, q, kv, qo_indptr, indptr, indi
     return f(q, kv, qo_indptr, indptr, indices, lpl, token)
 
 
-def _pod_cb(slot: PlanSlot, rp: RunParams, causal_p: bool):
-    run = slot.provider.pod
+def _pod_cb(home: PlanSlot, rp: RunParams, causal_p: bool):
+    run = home.provider.pod
 
     def cb(ctx, outs, q_p, k_p, v_p, q_d, kv, indptr, indices, lpl, token):
-        with StreamScope(xla_stream(ctx)):
+        slot = home.on(_device(kv))
+        with StreamScope(xla_stream(ctx, slot.device)):
             k, v = _split_kv(as_torch(kv))
             lse_p = as_torch(outs[2]) if rp.return_lse else None
             lse_d = as_torch(outs[3]) if rp.return_lse else None
@@ -521,12 +594,13 @@ def pod(slot: PlanSlot, rp: RunParams, causal_p: bool, token, q_p, k_p, v_p, q_d
     return f(q_p, k_p, v_p, q_d, kv, indptr, indices, lpl, token)
 
 
-def _batch_pod_cb(slot: PlanSlot, rp: RunParams):
-    run = slot.provider.batch_pod
+def _batch_pod_cb(home: PlanSlot, rp: RunParams):
+    run = home.provider.batch_pod
 
     def cb(ctx, outs, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d, indices_d,
            lpl_d, kv, token):
-        with StreamScope(xla_stream(ctx)):
+        slot = home.on(_device(kv))
+        with StreamScope(xla_stream(ctx, slot.device)):
             k, v = _split_kv(as_torch(kv))
             lse_p = as_torch(outs[2]) if rp.return_lse else None
             lse_d = as_torch(outs[3]) if rp.return_lse else None
@@ -548,11 +622,12 @@ def batch_pod(slot: PlanSlot, rp: RunParams, token, q_p, qo_indptr_p, indptr_p, 
              token)
 
 
-def _append_cb(slot: PlanSlot):
-    run = slot.provider.append
+def _append_cb(home: PlanSlot):
+    run = home.provider.append
 
     def cb(ctx, outs, kv, keys, values, batch_indices, positions, indptr, indices, lpl, token):
-        with StreamScope(xla_stream(ctx)):
+        slot = home.on(_device(kv))
+        with StreamScope(xla_stream(ctx, slot.device)):
             k_cache, v_cache = _split_kv(as_torch(outs[0]))   # == the input pool (aliased)
             run(slot, as_torch(keys), as_torch(values), as_torch(batch_indices),
                 as_torch(positions), k_cache, v_cache, as_torch(indptr), as_torch(indices),

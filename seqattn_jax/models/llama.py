@@ -225,20 +225,30 @@ def _rms_norm(x, weight, eps: float):
     return y.astype(x.dtype) * weight
 
 
-def _qkv(cfg: LlamaConfig, layer: dict, h, rope_tables, precision=None):
-    """h [..., d] -> q [..., Hq, hd], k, v [..., Hkv, hd], RoPE (`_rope_tables`) applied to q and k."""
+def _qkv(cfg: LlamaConfig, layer: dict, h, rope_tables, precision=None, groups: int = 1):
+    """h [..., d] -> q [..., Hq, hd], k, v [..., Hkv, hd], RoPE (`_rope_tables`) applied to q and k.
+
+    `groups` > 1: wqkv's columns are `groups` blocks of [q | k | v] heads (tensor parallel's
+    layout, `seqattn_jax.sharding.qkv_permutation`): block i holds q heads [i * Hq/g, ...) and
+    their k / v heads, so a column split by g gives each device its own heads and no reshard."""
     qkv = jnp.dot(h, layer["wqkv"], precision=precision)
     if cfg.qkv_bias:
         qkv = qkv + layer["bqkv"]
-    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = qkv.reshape(*h.shape[:-1], hq + 2 * hkv, hd)
-    qk = _rope(qkv[..., : hq + hkv, :], *rope_tables)  # q and k heads rotated in one op
-    return qk[..., :hq, :], qk[..., hq:, :], qkv[..., hq + hkv:, :]
+    g, lead = groups, h.shape[:-1]
+    hq, hkv, hd = cfg.num_heads // g, cfg.num_kv_heads // g, cfg.head_dim
+    qkv = qkv.reshape(*lead, g, hq + 2 * hkv, hd)
+    qk = _rope(qkv[..., : hq + hkv, :], *(t[..., None, :, :] for t in rope_tables))
+    return (qk[..., :hq, :].reshape(*lead, g * hq, hd), qk[..., hq:, :].reshape(*lead, g * hkv, hd),
+            qkv[..., hq + hkv:, :].reshape(*lead, g * hkv, hd))
 
 
-def _mlp(layer: dict, h, ffn: int, precision=None):
+def _mlp(layer: dict, h, ffn: int, precision=None, groups: int = 1):
+    """SwiGLU; `groups` > 1: w_gate_up's columns are `groups` blocks of [gate | up] (see `_qkv`)."""
     gu = jnp.dot(h, layer["w_gate_up"], precision=precision)
-    return jnp.dot(jax.nn.silu(gu[..., :ffn]) * gu[..., ffn:], layer["w_down"], precision=precision)
+    gu = gu.reshape(*h.shape[:-1], groups, 2 * (ffn // groups))
+    f = ffn // groups
+    act = (jax.nn.silu(gu[..., :f]) * gu[..., f:]).reshape(*h.shape[:-1], ffn)
+    return jnp.dot(act, layer["w_down"], precision=precision)
 
 
 def _logits(cfg: LlamaConfig, params: Params, h, precision=None):
@@ -346,7 +356,8 @@ def attention_options(cfg: LlamaConfig) -> dict:
             "window_left": window_left, "pos_encoding_mode": "NONE"}
 
 
-def forward(params: Params, cfg: LlamaConfig, tokens, positions, kv, attend: Attend, logits_rows):
+def forward(params: Params, cfg: LlamaConfig, tokens, positions, kv, attend: Attend, logits_rows,
+            tp: int = 1):
     """The paged serving forward of one step's token rows (any mix of prefill and decode).
 
     Args:
@@ -361,6 +372,8 @@ def forward(params: Params, cfg: LlamaConfig, tokens, positions, kv, attend: Att
         attends with `attention_options(cfg)`.
       logits_rows: int32 [R] rows whose logits are wanted (e.g. each request's last row); only
         these go through the final norm and the vocabulary projection.
+      tp: the params' fused projections are in tensor parallel's grouped layout for `tp` devices
+        (`seqattn_jax.sharding.shard_params`); 1: the layout of the module docstring.
     Returns:
       (logits float32 [R, V], kv).
     """
@@ -382,11 +395,11 @@ def forward(params: Params, cfg: LlamaConfig, tokens, positions, kv, attend: Att
     t = tokens.shape[0]
     for i, layer in enumerate(params["layers"]):
         h = _rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, layer, h, rope)
+        q, k, v = _qkv(cfg, layer, h, rope, groups=tp)
         out, kv = attend(q, k, v, kv, i)
         x = x + jnp.dot(out.astype(dt).reshape(t, cfg.num_heads * cfg.head_dim), layer["wo"])
         h = _rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-        x = x + _mlp(layer, h, cfg.ffn_dim)
+        x = x + _mlp(layer, h, cfg.ffn_dim, groups=tp)
     rows = jnp.take(x, jnp.asarray(logits_rows, jnp.int32), axis=0, mode="clip")
     return _logits(cfg, params, _rms_norm(rows, params["final_norm"], cfg.norm_eps)), kv
 
@@ -446,13 +459,21 @@ class LlamaModel:
     """The model as an engine takes it (`model, params`): the config plus the functions over it.
 
     Hashable (it holds only the frozen config), so it can be a static argument of `jax.jit`.
+    `tp`: its params are in tensor parallel's grouped layout for `tp` devices (made by
+    `seqattn_jax.sharding.shard_llama`); 1 for the plain layout.
     """
 
     cfg: LlamaConfig
+    tp: int = 1
 
     def __post_init__(self):
         if not isinstance(self.cfg, LlamaConfig):
             raise ValueError(f"LlamaModel.cfg must be a LlamaConfig, got {type(self.cfg).__name__}")
+        tp = self.tp
+        if isinstance(tp, bool) or not isinstance(tp, (int, np.integer)) or tp <= 0 or \
+                self.cfg.num_kv_heads % tp or self.cfg.ffn_dim % tp:
+            raise ValueError(f"LlamaModel.tp must be a positive int dividing num_kv_heads "
+                             f"({self.cfg.num_kv_heads}) and ffn_dim ({self.cfg.ffn_dim}), got {tp!r}")
 
     @property
     def num_layers(self) -> int:
@@ -489,8 +510,12 @@ class LlamaModel:
 
     def forward(self, params: Params, tokens, positions, kv, attend: Attend, logits_rows):
         """`forward(params, self.cfg, ...)`: (logits float32 [R, V], kv)."""
-        return forward(params, self.cfg, tokens, positions, kv, attend, logits_rows)
+        return forward(params, self.cfg, tokens, positions, kv, attend, logits_rows, tp=self.tp)
 
     def dense_logits(self, params: Params, tokens):
-        """`dense_logits(params, self.cfg, tokens)`: float32 [R, L, V]."""
+        """`dense_logits(params, self.cfg, tokens)`: float32 [R, L, V] (plain layout: tp=1)."""
+        if self.tp != 1:
+            raise ValueError(f"dense_logits takes the plain parameter layout; this model's params "
+                             f"are grouped for tp={self.tp} (use LlamaModel(cfg) and the unsharded "
+                             f"params)")
         return dense_logits(params, self.cfg, tokens)

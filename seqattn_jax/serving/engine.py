@@ -53,6 +53,7 @@ from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
 from seqattn_jax.serving.step import (StepKind, build_step, num_out_rows, pack_inputs,
                                       step_inputs_spec, step_options)
+from seqattn_jax.sharding import TensorParallel
 from seqattn_jax.state import allocate, init_state, release
 from seqattn_jax.validation import Status
 
@@ -76,6 +77,11 @@ class EngineConfig:
         (FlashInfer: no device sync inside a step); False plans inside the step.
       backend: attention backend: "auto" | "reference" | "flashinfer" or a backend object
         (e.g. `seqattn_jax.bridge.FlashInferBackend(...)`).
+      mesh: None (one device) or a `jax.sharding.Mesh` with axis `mesh_axis` to run tensor
+        parallel over (`seqattn_jax.sharding`): the pool is sharded over its KV heads, the state,
+        tokens and step inputs replicated; the params must be laid out for it
+        (`sharding.shard_llama`).
+      mesh_axis: the mesh axis the heads are split over.
     """
 
     chunk: int = 256
@@ -86,6 +92,8 @@ class EngineConfig:
     async_steps: bool = True
     host_plans: bool = True
     backend: object = "auto"
+    mesh: object = None
+    mesh_axis: str = "tp"
 
     def __post_init__(self):
         for name in ("chunk", "max_prefill_requests"):
@@ -101,6 +109,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.chunk_buckets must be positive ints <= chunk "
                              f"({self.chunk}), got {self.chunk_buckets!r}")
         object.__setattr__(self, "chunk_buckets", buckets)
+        if self.mesh is not None:
+            try:
+                TensorParallel(self.mesh, self.mesh_axis)
+            except ValueError as e:
+                raise ValueError(f"EngineConfig.mesh / mesh_axis: {e}") from None
         if isinstance(self.backend, str) and self.backend not in BACKENDS:
             raise ValueError(f"EngineConfig.backend must be one of {BACKENDS} or a backend "
                              f"object, got {self.backend!r}")
@@ -225,11 +238,11 @@ STEP_TRACES: collections.Counter = collections.Counter()
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(model, cache, kind, B, Bp, C, backend):
+def _jitted_step(model, cache, kind, B, Bp, C, backend, tp=None):
     """One jitted step program per static configuration, shared by every engine (a second engine
     with the same model and cache compiles nothing). The pool, state and last_tok are donated."""
-    step = build_step(model, cache, kind, B=B, Bp=Bp, C=C, backend=backend)
-    key = (model, cache, kind, B, Bp, C, backend)
+    step = build_step(model, cache, kind, B=B, Bp=Bp, C=C, backend=backend, tp=tp)
+    key = (model, cache, kind, B, Bp, C, backend) + (() if tp is None else (tp,))
 
     def traced(*args):
         STEP_TRACES[key] += 1
@@ -267,9 +280,18 @@ class Engine:
         self.backend = default_backend(config.backend) if isinstance(config.backend, str) \
             else config.backend
         self.options = step_options(model)
+        self.tp = None if config.mesh is None else TensorParallel(config.mesh, config.mesh_axis)
         self.kv = init_kv(cache)
         self.state = init_state(cache)
         self.last_tok = jnp.zeros((cache.max_seqs,), jnp.int32)
+        if self.tp is not None:   # the pool in head shards; the small int arrays replicated
+            self.tp.check(cache, model.num_heads, self.backend, "Engine")
+            if getattr(model, "tp", self.tp.size) != self.tp.size:
+                raise ValueError(f"Engine: model.tp = {model.tp} but the mesh axis "
+                                 f"{self.tp.axis!r} has {self.tp.size} devices (lay the params "
+                                 f"out with seqattn_jax.sharding.shard_llama)")
+            self.kv = self.tp.init_kv(cache)
+            self.state, self.last_tok = self.tp.replicate((self.state, self.last_tok))
         self.pc = PrefixCache(cache) if config.prefix_cache else None
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -574,7 +596,7 @@ class Engine:
     # ------------------------------------------------------------------------ steps
 
     def _step_fn(self, kind: StepKind, C: int):
-        return _jitted_step(self.model, self.cache, kind, self.B, self.Bp, C, self.backend)
+        return _jitted_step(self.model, self.cache, kind, self.B, self.Bp, C, self.backend, self.tp)
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.config.chunk_buckets if b >= n)
@@ -683,13 +705,15 @@ class Engine:
     def _host_plan(self, kind_name: str, inp: dict, d_lens, C: int):
         """The step's attention plan, made on the host from the lengths the host scheduled."""
         kw = dict(options=self.options, q_dtype=self.cache.jnp_dtype, backend=self.backend)
-        hq = self.model.num_heads
+        cache, hq = self.cache, self.model.num_heads
+        if self.tp is not None:   # the plan of one device's heads (see sharding.py)
+            cache, hq = self.tp.local_cache(cache), self.tp.local_heads(hq)
         if kind_name == "decode":
-            return attention.host_plan_decode(self.cache, d_lens, hq, **kw)
+            return attention.host_plan_decode(cache, d_lens, hq, **kw)
         if kind_name == "prefill":
-            return attention.host_plan_prefill(self.cache, inp["p_end"], inp["p_new"], hq,
+            return attention.host_plan_prefill(cache, inp["p_end"], inp["p_new"], hq,
                                                max_tokens=C, **kw)
-        return attention.host_plan_batch_pod(self.cache, inp["p_end"], inp["p_new"], d_lens, hq,
+        return attention.host_plan_batch_pod(cache, inp["p_end"], inp["p_new"], d_lens, hq,
                                              max_tokens_p=C, **kw)
 
     def _padp(self, values, fill=-1) -> np.ndarray:

@@ -117,7 +117,8 @@ def step_options(model) -> AttentionOptions:
     return AttentionOptions(**{**dict(model.attention_options()), "causal": True})
 
 
-def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int, backend):
+def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C: int, backend,
+               tp=None):
     """The pure step function of `kind` (jit it with the pool, state and last_tok donated).
 
     step(params, kv, state, last_tok, flat_inputs, host_plan) ->
@@ -127,12 +128,20 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
     `flat_inputs` is `pack_inputs` of the arrays of `step_inputs_spec` (one transfer); `host_plan` is the step's `HostPlan`
     (`host_plan_decode` / `host_plan_prefill` / `host_plan_batch_pod`) when `kind.host_plan`,
     else None. `backend` is a backend object (or name).
+
+    `tp`: a `seqattn_jax.sharding.TensorParallel` (the pool sharded over KV heads on its mesh, the
+    params in its layout) or None. With it, plans are made for one device's heads (its local cache
+    config, Hq/N query heads) and attention runs per device under `shard_map`; the rest of the
+    step is the same program, partitioned by XLA from the shardings of its arguments.
     """
     if kind.kind not in KINDS:
         raise ValueError(f"StepKind.kind must be one of {KINDS}, got {kind.kind!r}")
     opts = step_options(model)
     hq, dtype = model.num_heads, cache.jnp_dtype
     plan_kw = dict(options=opts, q_dtype=dtype, backend=backend)
+    full = cache
+    if tp is not None:   # plans and attention see one device's heads
+        cache, hq = tp.local_cache(cache), tp.local_heads(hq)
 
     spec = step_inputs_spec(kind, B, Bp, C)
 
@@ -154,26 +163,33 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
                 mode="fill", fill_value=0)
 
+        def make_plan(host_plan, packed_p, packed_d):
+            if kind.kind == "prefill":
+                return attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
+                    attention.plan_prefill(cache, packed_p, hq, **plan_kw)
+            if kind.kind == "decode":
+                return attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
+                    attention.plan_decode(cache, packed_d, hq, **plan_kw)
+            return attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
+                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
+
+        # with a mesh every device makes (or adopts) its own plan: see seqattn_jax/sharding.py
+        plan = make_plan(host_plan, packed_p, packed_d) if tp is None else \
+            tp.plan(make_plan, host_plan, packed_p, packed_d)
         if kind.kind == "prefill":
             tokens, positions, write = inp["p_tokens"], packed_p.positions, packed_p
-            plan = attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
-                attention.plan_prefill(cache, packed_p, hq, **plan_kw)
             logit_rows = jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1)
         elif kind.kind == "decode":
             tokens, positions, write = d_tokens, packed_d.positions, packed_d
-            plan = attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
-                attention.plan_decode(cache, packed_d, hq, **plan_kw)
             logit_rows = jnp.arange(B, dtype=jnp.int32)
         else:
             tokens = jnp.concatenate([inp["p_tokens"], d_tokens])
             positions = jnp.concatenate([packed_p.positions, packed_d.positions])
             write = _write_view(packed_p, packed_d)
-            plan = attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
-                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
             logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
                                           C + jnp.arange(B, dtype=jnp.int32)])
 
-        def attend(q, k, v, kv, layer):
+        def attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan):
             kv = attention.append_kv(cache, kv, k, v, write, layer=layer)
             if kind.kind == "prefill":
                 out = attention.batch_prefill(cache, q, kv, packed_p, plan=plan, layer=layer)
@@ -184,6 +200,12 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                                                    plan=plan, layer=layer)
                 out = jnp.concatenate([out_p, out_d])
             return out.astype(q.dtype), kv
+
+        def attend(q, k, v, kv, layer):
+            if tp is None:
+                return attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan)
+            return tp.attend(full, lambda q, k, v, kv, ex, plan: attend_local(
+                q, k, v, kv, layer, *ex, plan))(q, k, v, kv, (write, packed_p, packed_d), plan)
 
         logits, kv = model.forward(params, tokens, positions, kv, attend, logit_rows)
         toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
