@@ -8,9 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_serve_bench_decode_runs_on_a_tiny_shape(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "decode",
                           "--shapes", "tiny", "--batches", "4", "--steps", "6", "--no-torch",

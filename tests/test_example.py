@@ -66,6 +66,7 @@ def test_example_small_with_prefix_cache(decode):
         assert word in text
 
 
+@pytest.mark.slow
 def test_example_modes_without_prefix_cache_and_exit_codes(decode, monkeypatch):
     argv = SMALL + ["--no-prefix-cache", "--seed", "1", "--no-mixed", "--sync"]
     s = decode.run(argv)
@@ -93,6 +94,7 @@ def test_script_help_and_bad_options():
     assert res.returncode == 2 and "--heads" in res.stderr
 
 
+@pytest.mark.slow
 def test_example_flashinfer_path_through_the_bridge_torch_kernels(decode):
     """The FlashInfer backend's code path (host plans for prefill, decode and batch POD adopted in
     the step, buffer_callback kernels, the aliased donated pool) on CPU: the bridge's torch kernels

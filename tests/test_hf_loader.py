@@ -179,6 +179,7 @@ def test_dtypes(tmp_path, file_dtype, dtype, tol):
     assert np.abs(got - want).max() / np.abs(want).max() <= tol
 
 
+@pytest.mark.slow
 def test_loaded_model_serves_through_the_paged_forward(tmp_path):
     """The loaded params drive the paged forward (a chunked prefill + decode through the cache)."""
     from tests.test_llama_model import run_paged

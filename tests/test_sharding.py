@@ -102,6 +102,7 @@ def devices4():
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.slow
 def test_engine_over_n_devices_gives_one_devices_greedy_tokens(devices4, n):
     assert devices4["devices"] == 4
     single, run = devices4["single"], devices4[f"tp{n}"]
@@ -115,6 +116,7 @@ def test_engine_over_n_devices_gives_one_devices_greedy_tokens(devices4, n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.slow
 def test_no_copy_of_the_cache_per_step(devices4, n):
     """Every device's pool buffer is the one it started with after every step (donated and
     updated in place), and the compiled decode step gathers nothing pool-sized."""
@@ -128,6 +130,7 @@ def test_no_copy_of_the_cache_per_step(devices4, n):
 
 
 @pytest.mark.parametrize("plans", ["host_plans", "device_plans"])
+@pytest.mark.slow
 def test_flashinfer_backend_plans_per_device_under_shard_map(devices4, plans):
     """FlashInferBackend(devices=...) with the bridge's torch CPU kernels over 2 devices: the
     same greedy tokens as on one device, and every device made (or adopted) its own plan in
@@ -139,6 +142,7 @@ def test_flashinfer_backend_plans_per_device_under_shard_map(devices4, plans):
     assert run["idle"] == {"pages_in_use": 0, "active_slots": 0}
 
 
+@pytest.mark.slow
 def test_errors_name_the_argument(devices4):
     err = devices4["errors"]
     assert "num_kv_heads = 2 does not divide by the mesh axis 'tp' of size 4" in err["engine_heads"]
