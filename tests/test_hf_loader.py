@@ -417,7 +417,10 @@ def test_readme_snippet_runs(tmp_path, capsys):
 
     pytest.importorskip("tokenizers", reason="tokenizers is not installed")
     root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("wrc", root / "benchmarks" / "write_random_checkpoint.py")
+    script = root / "benchmarks" / "write_random_checkpoint.py"
+    if not script.exists():
+        pytest.skip("benchmarks/ is not in this tree (the sdist leaves it out)")
+    spec = importlib.util.spec_from_file_location("wrc", script)
     wrc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wrc)
     wrc.main(["--out", str(tmp_path), "--preset", "tiny", "--dtype", "float16", "--shard-gb", "0.004"])
