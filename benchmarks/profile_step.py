@@ -75,10 +75,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                    help="FlashInferBackend(cuda_graphs=...): static host plans, XLA command buffers")
     a = ap.parse_args(argv)
     cfg, ctx = sb.SHAPES[a.shape]
     params = sb.init_params(cfg, 0)
-    eng = sb._engine(cfg, params, a.batch, ctx, extra_tokens=8 * a.steps + 64)
+    eng = sb._engine(cfg, params, a.batch, ctx, extra_tokens=8 * a.steps + 64,
+                     backend=sb._backend(a.cuda_graphs == "on"))
     sb._fill(eng, a.batch, ctx, max_new=8 * a.steps + 32)
     # host side of the served loop
     jax.block_until_ready(eng.last_tok)

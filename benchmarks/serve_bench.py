@@ -45,7 +45,8 @@ from seqattn_jax import attention  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 from seqattn_jax.serving import engine as engine_mod  # noqa: E402
-from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: E402
+from seqattn_jax.serving.step import (StepKind, fold_host_plan, pack_inputs,  # noqa: E402
+                                      step_inputs_spec)
 
 SHAPES = {
     # a CPU-sized shape: the script's own test (tests/test_benchmarks.py) runs it
@@ -122,17 +123,31 @@ def device_bound_loop(eng: Engine):
             hp = attention.host_plan_decode(eng.cache, lens, eng.model.num_heads,
                                             options=eng.options, q_dtype=eng.cache.jnp_dtype,
                                             backend=eng.backend)
-            *bufs[:], out = fn(eng.params, *bufs, inp, hp)
+            flat, hp = fold_host_plan(inp, hp)
+            *bufs[:], out = fn(eng.params, *bufs, flat, hp)
         jax.block_until_ready(bufs[2])
         assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
 
     return run
 
 
-def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
+def _backend(graphs: bool):
+    """The engine's backend: FlashInfer with static host plans (CUDA graphs: its default) or with
+    queued host plans; the reference backend where FlashInfer does not run."""
+    from seqattn_jax.backend import flashinfer_available  # noqa: PLC0415
+
+    if not flashinfer_available():
+        return "auto"
+    from seqattn_jax.bridge import FlashInferBackend  # noqa: PLC0415
+
+    return FlashInferBackend(cuda_graphs=graphs)
+
+
+def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: bool = False,
+                 params=None) -> dict:
     cfg, ctx = SHAPES[shape]
-    params = init_params(cfg, 0)
-    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps + 64)
+    params = init_params(cfg, 0) if params is None else params
+    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps + 64, backend=_backend(graphs))
     _fill(eng, batch, ctx, max_new=4 * n_steps + 32)
     # served: Engine.step() in steady state
     served = []
@@ -150,7 +165,8 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
         t0 = time.perf_counter()
         run(n_steps // 3)
         bound.append((time.perf_counter() - t0) / (n_steps // 3))
-    res = dict(shape=shape, batch=batch, ctx=ctx, served_ms=1e3 * statistics.median(served),
+    res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs,
+               served_ms=1e3 * statistics.median(served),
                device_bound_ms=1e3 * statistics.median(bound),
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng, run
@@ -160,7 +176,9 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool) -> dict:
         # the same weights (the JAX params moved to the host), run by torch + FlashInfer
         host = jax.tree_util.tree_map(np.asarray, params)
         del params
-        t = torch_llama.run_benchmark(cfg, batch, ctx, params=host, steps=min(n_steps, 30))
+        # prefill through FA2, the kernel the engine runs (and no FA3 compile in the run)
+        t = torch_llama.run_benchmark(cfg, batch, ctx, params=host, steps=min(n_steps, 30),
+                                      prefill_backend="fa2")
         res.update(torch_eager_ms=t["decode"]["eager_ms"], torch_graph_ms=t["decode"]["graph_ms"],
                    torch_graph_replay_only_ms=t["decode"]["graph_replay_only_ms"],
                    torch_check=t["check"], torch_prefill_ms=t["prefill_ms"], torch_mixed=t["mixed"])
@@ -244,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--shapes", nargs="+", default=["small", "1b"])
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                    help="FlashInferBackend(cuda_graphs=...) for the engine's decode rows")
     ap.add_argument("--legacy", default=None, help="a checkout of the code before the engine (e2e)")
     a = ap.parse_args(argv)
     secs = {"decode", "mixed", "e2e"} if "all" in a.sections else set(a.sections)
@@ -251,18 +271,23 @@ def main(argv=None):
     results = {}
     if "decode" in secs:
         rows = []
+        modes = {"on": (True,), "off": (False,), "both": (False, True)}[a.cuda_graphs]
         for shape in a.shapes:
             for b in a.batches:
-                r = bench_decode(shape, b, a.steps, torch_too=not a.no_torch)
-                rows.append(r)
-                log(json.dumps(r))
+                for i, g in enumerate(modes):
+                    last = i == len(modes) - 1    # torch once per shape and batch
+                    r = bench_decode(shape, b, a.steps, torch_too=last and not a.no_torch,
+                                     graphs=g)
+                    rows.append(r)
+                    log(json.dumps(r))
         results["decode"] = rows
         log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
-        log(f"{'shape':6} {'batch':>5} {'served':>8} {'dev-bound':>9} {'torch eager':>11} "
+        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'served':>8} {'dev-bound':>9} {'torch eager':>11} "
             f"{'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} {'served/floor':>12}")
         for r in rows:
             te, tg = r.get("torch_eager_ms", float("nan")), r.get("torch_graph_ms", float("nan"))
-            log(f"{r['shape']:6} {r['batch']:5d} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
+            log(f"{r['shape']:6} {r['batch']:5d} {'on' if r['cuda_graphs'] else 'off':>6} "
+                f"{r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
                 f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
                 f"{r['served_ms'] / r['hbm_floor_ms']:12.2f}")
     if "mixed" in secs:

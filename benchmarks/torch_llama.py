@@ -879,9 +879,12 @@ def check_paths(model: TorchLlama, batch: int, prompt_len: int = 24, steps: int 
 
 
 def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill_rows: int = 512,
-                  steps: int = 30, repeats: int = 5, page_size: int = 16, seed: int = 0) -> dict:
+                  steps: int = 30, repeats: int = 5, page_size: int = 16, seed: int = 0,
+                  prefill_backend: str = "auto") -> dict:
     """Every figure for one shape on the GPU: decode (eager, graph), a prefill chunk, a mixed
-    iteration, and the HBM floor. `params` default: `random_params(cfg)` in cfg.dtype."""
+    iteration, and the HBM floor. `params` default: `random_params(cfg)` in cfg.dtype.
+    `prefill_backend`: the prefill wrapper's ("auto": FA3 on Hopper, as vLLM; "fa2": the kernel
+    the engine runs, and no FA3 compile)."""
     if params is None:
         params = random_params(cfg, seed=seed, dtype=np.float16 if torch_dtype(cfg.dtype) ==
                                torch.float16 else np.float32)
@@ -890,7 +893,7 @@ def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill
     prefill_pages = -(-(prefill_rows + ctx) // page_size)
     model = TorchLlama(cfg, params, "cuda", page_size=page_size,
                        num_pages=batch * pages_per_seq + prefill_pages + 8, max_batch=batch + 1,
-                       seed=seed)
+                       seed=seed, prefill_backend=prefill_backend)
     del params
     check = check_paths(model, batch, steps=8)
     res = dict(config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else

@@ -13,6 +13,13 @@ and, through its provider, the float workspaces. It is hashable by identity and 
 plan's static metadata, so a jitted step keys on it: a step traced with one backend never runs
 another's transport or provider.
 
+CUDA graphs (`cuda_graphs=True`, the FFI transport on one device): host plans of decode and prefill
+steps are made in FlashInfer's CUDA-graph mode ("static plans", `ops.host_plan_static`): their
+`plan_info` depends only on the batch's shape and is fixed in the step's program, their schedule
+travels in the `HostPlan` as a step argument, and their runs go to an FFI target XLA may capture:
+with XLA's command buffers on (jax's default on GPU) a whole decode step becomes CUDA graphs
+instead of ~15 kernel launches a layer from the host.
+
 Transports: "ffi" (decode and prefill runs as XLA FFI custom calls through `jax-tvm-ffi` and the
 C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++ compiler for the shim's
 one-time build), "callback" (every run a `buffer_callback`: ~25 us of Python per call), "auto"
@@ -78,6 +85,9 @@ class FlashInferBackend:
         torch kernels: the same plan / callback / aliasing mechanics on a CPU, for tests), or a
         provider object (`ops.KernelProvider`).
       transport: "auto", "ffi" or "callback" (see the module docstring).
+      cuda_graphs: make decode and prefill host plans static (see the module docstring) where the
+        runs are FFI calls on one device; elsewhere host plans are queued. Compile steps with
+        `compiler_options()` so that XLA captures the FFI calls too.
       devices: None (one device: the current one), or the devices a tensor-parallel step runs the
         backend on (`jax.Device`s or their local ordinals, e.g. `mesh.devices.flat`): every plan
         key gets a slot (modules, workspaces, host-plan queue) on each, every host plan is made
@@ -88,7 +98,8 @@ class FlashInferBackend:
 
     name = "flashinfer"
 
-    def __init__(self, provider="flashinfer", transport: str = "auto", devices=None):
+    def __init__(self, provider="flashinfer", transport: str = "auto", devices=None,
+                 cuda_graphs: bool = True):
         if transport not in TRANSPORTS:
             raise ValueError(f"FlashInferBackend: transport must be one of {TRANSPORTS}, "
                              f"got {transport!r}")
@@ -117,17 +128,22 @@ class FlashInferBackend:
         if transport == "ffi" and not provider.has_ffi:
             raise ValueError(f"FlashInferBackend: transport='ffi' needs FlashInfer's kernels, not "
                              f"the {provider.name!r} provider")
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"FlashInferBackend: cuda_graphs must be a bool, got {cuda_graphs!r}")
         self.provider = provider
         self.transport = transport
         self.devices = devices
+        self.cuda_graphs = cuda_graphs
+        self._static_metas: dict = {}
         self.slots = ops.PlanSlots(provider, devices)
         self._keyed: dict = {}
         self.host_plan_depth = ops.HOST_PLAN_DEPTH
 
     def __repr__(self):
         devs = "" if self.devices is None else f", devices={self.devices}"
+        graphs = ", cuda_graphs=True" if self.cuda_graphs else ""
         return (f"FlashInferBackend(provider={self.provider.name!r}, "
-                f"transport={self.transport!r}{devs})")
+                f"transport={self.transport!r}{devs}{graphs})")
 
     # ------------------------------------------------------------------ capabilities
 
@@ -223,13 +239,45 @@ class FlashInferBackend:
         if expected.size > ops.MAX_HOST_PLAN_ENTRIES:
             raise ValueError(f"{meta.kind}: a host plan holds at most {ops.MAX_HOST_PLAN_ENTRIES} "
                              f"planned CSR entries, got {expected.size} (fewer requests per step)")
+        if self._static(meta):
+            info, schedule = ops.host_plan_static(self.slots.get(meta.key), layout)
+            smeta = self._static_metas.get((meta, info))
+            if smeta is None:   # one object per (shape, plan_info): cheap jit cache lookups
+                smeta = self._static_metas[(meta, info)] = dataclasses.replace(meta, static=info)
+            return HostPlan(expected, smeta, schedule)
         # the real token rows: decode and batch POD plans never run FlashInfer's append
         # (append_kv's impl='backend' needs a plan made in the step); prefill rows are a prefix
         append_rows = int(layout["qo_indptr"][-1]) if meta.kind == "prefill" else None
         ops.host_plan(self.slots.get(meta.key), layout, append_rows, expected, self.devices)
         return HostPlan(None, meta)
 
+    # XLA's command buffers (CUDA graphs) around fusions, cuBLAS and cuDNN calls and the
+    # capturable FFI calls, however few commands a graph holds: measured on an H200 (the example's
+    # GPU model, batch 64, benchmarks/results/serve_runF_h200.*): the device-bound decode step
+    # 0.96 ms with XLA's default command buffers, 0.70 ms with these options.
+    COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+                       "xla_gpu_graph_min_graph_size": "1"}
+
+    def compiler_options(self) -> dict[str, str]:
+        """Options for the jitted step (`jax.jit(..., compiler_options=...)`): with static plans
+        on a GPU, XLA's command buffers around everything capturable, FFI calls included."""
+        if not self.cuda_graphs or not self.provider.has_ffi or self.transport == "callback":
+            return {}
+        import jax  # noqa: PLC0415
+
+        return dict(self.COMMAND_BUFFERS) if jax.default_backend() == "gpu" else {}
+
+    def _static(self, meta) -> bool:
+        """Host plans of this kind are static plans (see `cuda_graphs`)."""
+        return (self.cuda_graphs and meta.kind in ("decode", "prefill") and meta.key.ffi
+                and (self.devices is None or len(self.devices) == 1))
+
     def adopt(self, host_plan, n_expected):
+        if host_plan.meta.static is not None:   # everything came in with the step's arguments
+            if host_plan.schedule is None or host_plan.expected is None:
+                raise ValueError("adopt_plan: this static host plan lost its arrays (pass the "
+                                 "HostPlan itself into the step)")
+            return host_plan.schedule, host_plan.expected
         return ops.adopt(self.slots.get(host_plan.meta.key), n_expected)
 
     def discard_host_plans(self) -> int:
@@ -280,8 +328,9 @@ class FlashInferBackend:
             run, csr = (ffi.prefill if key.ffi else ops.prefill), (packed.qo_indptr,)
         else:
             run, csr = (ffi.decode if key.ffi else ops.decode), ()
+        extra = {} if plan.meta.static is None else {"static_plan": plan.meta.static}
         res = run(self.slots.get(key), rp, plan.token, q, kv, *csr, packed.kv_page_indptr,
-                  indices, packed.kv_last_page_len, pages=pages)
+                  indices, packed.kv_last_page_len, pages=pages, **extra)
         out, lse = res[0], res[1] if rp.return_lse else None
         if prefill:
             out, lse = _zero_rows_past(out, lse, packed.qo_indptr)

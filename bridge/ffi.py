@@ -24,6 +24,15 @@ XLA executes a program's thunks in order on one host thread, and every run takes
 so a step's runs read that step's plan (and, through PLAN_WS, the int workspace holding its
 schedule: a host plan's ring entry, or the slot's own workspace). Because `plan_info` changes at run time, the FFI target is
 registered without `allow_cuda_graph` (XLA must call it every time rather than replay a capture).
+
+Static plans (`FlashInferBackend(cuda_graphs=True)`, host plans of decode and prefill steps): the
+plan is made in FlashInfer's CUDA-graph mode, where `plan_info` depends only on the batch's shape
+(the request count and the row count), not on its lengths. Its `plan_info` is then a compile-time
+constant of the call (`PLAN_CONST`) and its schedule (the int workspace's bytes) an XLA operand of
+the call, passed into the step with the step's other inputs. Such a call reads nothing but its
+operands, its attributes and the permanent float workspace, so it goes to a second FFI target
+registered with `allow_cuda_graph`: XLA may capture it in the step's command buffer (one CUDA
+graph) and replay it; a new `plan_info` is a new jit cache entry, never a stale capture.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import numpy as np
 
 
 _TARGET = "seqattn_fi_call"
+_GRAPH_TARGET = "seqattn_fi_call_graph"   # capturable: static plans only (see above)
 # No string attribute: jax-tvm-ffi 0.1.3 passes a string attribute as a view of a temporary, which
 # dangles for strings longer than the 7 bytes tvm-ffi stores inline (seen: heap corruption). The
 # FlashInfer function is named by an integer id in `prog` instead.
@@ -44,7 +54,10 @@ _ARG_SPEC = ["args", "rets", "attrs.prog", "attrs.iconst", "attrs.fconst"]
 _FN_PREFIX = "seqattn.fi.fn"
 
 # program opcodes (keep in sync with fi_shim.cpp)
-IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW, ROWS, KIN, VIN, KOUT, VOUT, PLAN_WS = range(16)
+IN, OUT, KH, VH, INT, FLT, BOOL, NONE, PLAN, RAW, ROWS, KIN, VIN, KOUT, VOUT, PLAN_WS, PLAN_CONST = \
+    range(17)
+# opcodes whose value is fixed when the program is built: a call made only of these may be replayed
+_CAPTURABLE = {IN, OUT, KH, VH, INT, FLT, BOOL, NONE, RAW, KIN, VIN, KOUT, VOUT, PLAN_CONST}
 RAW_U8, RAW_F32, RAW_I32 = 0, 1, 2
 
 _SOURCE = Path(__file__).with_name("fi_shim.cpp")   # shipped as package data
@@ -58,7 +71,7 @@ class _Shim:
         self.lock = threading.Lock()
         self.module = None                 # the loaded shim (kept alive)
         self.error: str | None = None      # why it cannot build here (cached)
-        self.targets: dict[str, str] = {}  # platform -> XLA FFI target name
+        self.targets: dict[tuple[str, bool], str] = {}  # (platform, capturable) -> target name
         self.fn_ids: dict[int, tuple[int, object]] = {}   # id(func) -> (shim id, func)
         self.plan_set = None               # `seqattn.fi_plan_set`
 
@@ -82,13 +95,15 @@ def unavailable_reason() -> str | None:
     return _SHIM.error
 
 
-def _register(platform: str = "gpu") -> str:
-    name = _SHIM.targets.get(platform)
+def _register(platform: str = "gpu", capturable: bool = False) -> str:
+    """The XLA FFI target name of the shim on `platform`; `capturable`: the target registered with
+    `allow_cuda_graph` (for calls whose every argument is fixed when the program is built)."""
+    name = _SHIM.targets.get((platform, capturable))
     if name is not None:
         return name
     with _SHIM.lock:
-        if platform in _SHIM.targets:
-            return _SHIM.targets[platform]
+        if (platform, capturable) in _SHIM.targets:
+            return _SHIM.targets[(platform, capturable)]
         import jax_tvm_ffi  # noqa: PLC0415
         import tvm_ffi  # noqa: PLC0415
         import tvm_ffi.cpp  # noqa: PLC0415
@@ -97,11 +112,14 @@ def _register(platform: str = "gpu") -> str:
             _SHIM.module = tvm_ffi.cpp.load_inline(name="seqattn_fi_shim",
                                                    cpp_sources=_SOURCE.read_text())
         func = tvm_ffi.get_global_func("seqattn.fi_call")
-        name = _TARGET if platform == "gpu" else f"{_TARGET}_{platform}"
-        # not capturable: each call reads the step's plan_info, published at run time
+        name = _GRAPH_TARGET if capturable else _TARGET
+        if platform != "gpu":
+            name = f"{name}_{platform}"
+        # the ordinary target is not capturable: its calls read the step's plan_info, published
+        # at run time; the graph target's calls read only what the program fixed
         jax_tvm_ffi.register_ffi_target(name, func, _ARG_SPEC, platform=platform,
-                                        allow_cuda_graph=False)
-        _SHIM.targets[platform] = name
+                                        allow_cuda_graph=capturable)
+        _SHIM.targets[(platform, capturable)] = name
         return name
 
 
@@ -185,6 +203,19 @@ class Program:
         self.prog += [PLAN, int(slot_id)]
         return self
 
+    def plan_const(self, plan_info):
+        """A static plan_info (a tuple of ints), fixed in the program."""
+        idx = self._i(len(plan_info))
+        for v in plan_info:
+            self._i(v)
+        self.prog += [PLAN_CONST, idx]
+        return self
+
+    @property
+    def capturable(self) -> bool:
+        """Every argument is fixed by the program: XLA may capture and replay the call."""
+        return all(op in _CAPTURABLE for op in self.prog[3::2])
+
     def plan_ws(self, slot_id: int):
         """The int workspace of the slot's current plan (it moves between host plans)."""
         self.prog += [PLAN_WS, int(slot_id)]
@@ -220,11 +251,14 @@ def publish_plan(slot) -> None:
 
 
 def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: int,
-            kv_output: int | None = None) -> Program:
+            kv_output: int | None = None, static_plan=None) -> Program:
     """Compile a FlashInfer argument list (`fi_provider.run_args` / `append_args`) into the
     shim's program. `inputs`: the input index of each symbolic buffer; `pages`: the layer's
     static page range of the pool (None: the whole pool); `kv_input` / `kv_output`: where the
-    pool is (K / V halves of an input for runs, of the aliased output for append)."""
+    pool is (K / V halves of an input for runs, of the aliased output for append).
+    `static_plan`: (plan_info tuple, input index of the schedule) of a static plan: plan_info
+    fixed in the program, the int workspace an operand (else both come from the slot at run
+    time)."""
     from . import fi_provider as fp  # noqa: PLC0415
 
     p = Program(n_in, n_out)
@@ -234,9 +268,9 @@ def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: in
             if a is fp.FLOAT_WS:
                 p.raw(slot.state.float_ws, RAW_U8)
             elif a is fp.INT_WS:
-                p.plan_ws(slot.id)
+                p.inp(static_plan[1]) if static_plan else p.plan_ws(slot.id)
             elif a is fp.PLAN_INFO:
-                p.plan(slot.id)
+                p.plan_const(static_plan[0]) if static_plan else p.plan(slot.id)
             elif a is fp.K or a is fp.V:
                 p.kv_pages("k" if a is fp.K else "v", kv_input, first, count)
             elif a is fp.K_CACHE or a is fp.V_CACHE:
@@ -262,32 +296,49 @@ def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: in
     return p
 
 
-def _run(slot, rp, operands: tuple, names: tuple, out_like, pages):
+def _run(slot, rp, operands: tuple, names: tuple, out_like, pages, static_plan=None):
     from . import fi_provider as fp  # noqa: PLC0415
 
-    target = _register()
     fn_id = register_function(fp.run_function(slot))
-    inputs = {getattr(fp, n.upper()): i for i, n in enumerate(names) if n not in ("kv", "token")}
+    inputs = {getattr(fp, n.upper()): i for i, n in enumerate(names)
+              if n not in ("kv", "token", "schedule")}
     n_out = 2 if rp.return_lse else 1
+    static = None if static_plan is None else (static_plan, names.index("schedule"))
     p = program(slot, fp.run_args(slot, rp), inputs, len(operands), n_out, pages,
-                kv_input=names.index("kv"))
+                kv_input=names.index("kv"), static_plan=static)
+    if static is not None and not p.capturable:   # a static plan's call must be replayable
+        raise AssertionError(f"seqattn_jax: a static-plan call reads run-time state: {p.prog}")
+    target = _register(capturable=static is not None)
     outs = [jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)]
     if rp.return_lse:
         outs.append(jax.ShapeDtypeStruct(out_like.shape[:2], jnp.float32))
     return tuple(jax.ffi.ffi_call(target, tuple(outs))(*operands, **p.attrs(fn_id)))
 
 
-def decode(slot, rp, token, q, kv, indptr, indices, lpl, pages=None):
+def _last(token, static_plan):
+    """The run's last operand and its name: the plan's token, or a static plan's schedule (its
+    int workspace bytes, int32 -> uint8: FlashInfer addresses it by byte offsets)."""
+    if static_plan is None:
+        return token, "token"
+    return jax.lax.bitcast_convert_type(token, jnp.uint8).reshape(-1), "schedule"
+
+
+def decode(slot, rp, token, q, kv, indptr, indices, lpl, pages=None, static_plan=None):
     """FlashInfer decode as an XLA FFI call. `pages=(first, count)`: a static layer's page range
-    of the pool (then `indices` are layer-local); None: `indices` address the whole pool."""
-    return _run(slot, rp, (q, kv, indptr, indices, lpl, token),
-                ("q", "kv", "indptr", "indices", "lpl", "token"), q, pages)
+    of the pool (then `indices` are layer-local); None: `indices` address the whole pool.
+    `static_plan`: a static plan's plan_info (then `token` is its schedule, int32[S])."""
+    last, name = _last(token, static_plan)
+    return _run(slot, rp, (q, kv, indptr, indices, lpl, last),
+                ("q", "kv", "indptr", "indices", "lpl", name), q, pages, static_plan)
 
 
-def prefill(slot, rp, token, q, kv, qo_indptr, indptr, indices, lpl, pages=None):
+def prefill(slot, rp, token, q, kv, qo_indptr, indptr, indices, lpl, pages=None,
+            static_plan=None):
     """FlashInfer paged prefill as an XLA FFI call (rows past qo_indptr[B] are not written)."""
-    return _run(slot, rp, (q, kv, qo_indptr, indptr, indices, lpl, token),
-                ("q", "kv", "qo_indptr", "indptr", "indices", "lpl", "token"), q, pages)
+    last, name = _last(token, static_plan)
+    return _run(slot, rp, (q, kv, qo_indptr, indptr, indices, lpl, last),
+                ("q", "kv", "qo_indptr", "indptr", "indices", "lpl", name), q, pages,
+                static_plan)
 
 
 def append(slot, token, kv, keys, values, batch_indices, positions, indptr, indices, lpl,

@@ -242,35 +242,44 @@ class FlashInferProvider:
         return torch.from_numpy((np.maximum(n - 1, 0) * page + lpl).astype(np.int32))
 
     def _plan_prefill_like(self, st, key, float_ws, int_ws, pinned, qo_host, indptr, lpl,
-                           total_rows, causal, num_colocated=0):
+                           total_rows, causal, num_colocated=0, cuda_graph=False):
         B = len(lpl)
         return st.module.plan(
             float_ws, int_ws, pinned, qo_host, torch.from_numpy(indptr),
             self._kv_lens(indptr, lpl, key.page_size), total_rows, B, key.num_qo_heads,
-            key.num_kv_heads, key.page_size, False, key.head_dim, key.head_dim, causal,
+            key.num_kv_heads, key.page_size, cuda_graph, key.head_dim, key.head_dim, causal,
             key.window_left, -1, False, num_colocated, 0)
 
-    def _plan_decode(self, st, key, host, float_ws, int_ws, pinned):
+    def _plan_decode(self, st, key, host, float_ws, int_ws, pinned, cuda_graph=False):
         if key.decode_kernel == "cuda_core" and key.kind == "decode":
             return st.module.plan(
                 float_ws, int_ws, pinned, torch.from_numpy(host["indptr"]),
-                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, False,
+                key.batch_size, key.num_qo_heads, key.num_kv_heads, key.page_size, cuda_graph,
                 key.window_left, key.logits_soft_cap, key.head_dim, key.head_dim,
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
         return self._plan_prefill_like(st, key, float_ws, int_ws, pinned, st.arange_qo_host,
-                                       host["indptr"], host["lpl"], key.batch_size, False)
+                                       host["indptr"], host["lpl"], key.batch_size, False,
+                                       cuda_graph=cuda_graph)
 
-    def plan(self, slot, host, int_ws, pinned):
+    def plan(self, slot, host, int_ws, pinned, cuda_graph: bool = False):
         """Plan from the host arrays into `int_ws` (the slot's own workspaces, or a host plan's
-        ring entry's); returns (plan_info, batch POD's prefill plan_info or None)."""
+        ring entry's); returns (plan_info, batch POD's prefill plan_info or None).
+
+        `cuda_graph` (decode and prefill): FlashInfer's CUDA-graph mode, whose plan_info depends
+        only on the batch's shape (B requests, the prefill's T rows: planned for T, the real row
+        count travels in the schedule), so a call captured with one plan replays with another."""
         key, st = slot.key, slot.state
+        if cuda_graph and key.kind not in ("decode", "prefill"):
+            raise ValueError(f"CUDA-graph plans are made for decode and prefill, not {key.kind!r}")
         if key.kind in ("decode", "pod"):
-            return self._plan_decode(st, key, host, st.float_ws, int_ws[0], pinned[0]), None
+            return self._plan_decode(st, key, host, st.float_ws, int_ws[0], pinned[0],
+                                     cuda_graph), None
         if key.kind == "prefill":
             qo = host["qo_indptr"]
             return self._plan_prefill_like(
                 st, key, st.float_ws, int_ws[0], pinned[0], torch.from_numpy(qo.copy()),
-                host["indptr"], host["lpl"], int(qo[-1]), key.causal), None
+                host["indptr"], host["lpl"], key.num_rows if cuda_graph else int(qo[-1]),
+                key.causal, cuda_graph=cuda_graph), None
         if key.kind == "batch_pod":
             info_d = self._plan_prefill_like(
                 st, key, st.float_ws_d, int_ws[0], pinned[0], st.arange_qo_host, host["indptr"],
@@ -283,6 +292,15 @@ class FlashInferProvider:
                 host["indptr_p"], host["lpl_p"], rows_p, key.causal, colocated)
             return info_d, info_p
         raise ValueError(key.kind)
+
+    @staticmethod
+    def schedule_bytes(key, plan_info) -> int:
+        """An upper bound on the int workspace bytes a plan of `key` writes (FlashInfer's
+        scheduler.cuh: a prefill-style plan allocates request / qo-tile / kv-tile indices and the
+        block-valid mask (padded_batch_size = plan_info[0] each), o_indptr (B + 1), merge_indptr
+        (rows + 1) and two scalars, each aligned to 16 bytes; a CUDA-core decode plan a subset)."""
+        P, B, T = int(plan_info[0]), key.batch_size, max(key.num_rows, key.batch_size)
+        return 4 * (3 * P + (B + 1) + (T + 1) + 2) + P + 8 * 16
 
     # ---------------------------------------------------------------- runs
 

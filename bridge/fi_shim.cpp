@@ -152,7 +152,7 @@ void FiCall(PackedArgs args, Any* rv) {
   const int64_t n_in = prog[0], n_out = prog[1], fn_id = prog[2];
   TVM_FFI_ICHECK_EQ(n_in + n_out + 3, n) << "seqattn.fi_call: operand count mismatch";
   std::vector<Array<int64_t>> keep;   // plan_info objects stay alive during the call
-  keep.reserve(2);
+  keep.reserve(4);
   bool skip = false;                    // nothing to do (no real rows)
   Views vs;
   DLTensor* first = args[0].cast<DLTensor*>();
@@ -188,6 +188,13 @@ void FiCall(PackedArgs args, Any* rv) {
                                iconst[x + 1], iconst[x + 2]));
         break;
       case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
+      case 16: {  // a static plan_info: iconst[x] entries from iconst[x + 1] (graph-mode plans)
+        std::vector<int64_t> info;
+        for (int64_t j = 0; j < iconst[x]; ++j) info.push_back(iconst[x + 1 + j]);
+        keep.push_back(Array<int64_t>(info.begin(), info.end()));
+        call.emplace_back(keep.back());
+        break;
+      }
       case 15: {  // the int workspace of plan slot x's current plan (a host plan's ring entry)
         PlanRec rec = PlanGet(x);
         call.emplace_back(Raw(dev, rec.ws_ptr, rec.ws_size, 0));

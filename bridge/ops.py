@@ -67,7 +67,7 @@ from .interop import StreamScope, as_torch, xla_stream
 
 __all__ = ["HOST_PLAN_DEPTH", "MAX_HOST_PLAN_ENTRIES", "TOKEN_SHAPE", "KernelProvider", "PlanKey",
            "PlanSlot", "PlanSlots", "RunParams", "adopt", "append", "batch_pod", "decode",
-           "host_plan", "plan", "pod", "prefill"]
+           "host_plan", "host_plan_static", "plan", "pod", "prefill"]
 
 TOKEN_SHAPE = (1,)
 
@@ -117,7 +117,8 @@ class KernelProvider(Protocol):
     def unsupported(self, kind: str, options) -> str | None: ...
     def make_state(self, key: PlanKey) -> Any: ...
     def workspaces(self, slot: "PlanSlot") -> tuple[list | None, list | None]: ...
-    def plan(self, slot: "PlanSlot", host: dict, int_ws, pinned) -> tuple[Any, Any]: ...
+    def plan(self, slot: "PlanSlot", host: dict, int_ws, pinned,
+             cuda_graph: bool = False) -> tuple[Any, Any]: ...
     def decode(self, slot, q, k, v, indptr, indices, lpl, o, lse, rp: RunParams) -> None: ...
     def prefill(self, slot, q, k, v, qo_indptr, indptr, indices, lpl, o, lse, rp) -> None: ...
     def pod(self, slot, q_p, k_p, v_p, causal_p, q_d, k, v, indptr, indices, lpl, o_p, o_d,
@@ -461,6 +462,40 @@ def _host_plan_one(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: i
     e.expected = expected
     slot.queue.append(e)
     return e.seq
+
+
+def host_plan_static(slot: PlanSlot, layout: dict[str, np.ndarray]) -> tuple[tuple, np.ndarray]:
+    """A static plan (FlashInfer's CUDA-graph mode, decode and prefill): plan `slot` on the host
+    from `layout` and return (plan_info as a tuple of ints: the same for every plan of this
+    shape, to be fixed in the step's program; the schedule, int32[S]: the int workspace's bytes,
+    to be passed into the step as an operand of its runs). Nothing is queued: the step gets
+    everything from its arguments, so XLA may capture its runs in a CUDA graph (bridge/ffi.py).
+
+    FlashInfer's plan writes the schedule into pinned host memory and then copies it to a device
+    workspace; the copy goes to a scratch workspace nobody reads (on a side stream), and the
+    schedule is taken from the pinned buffer right after the plan returns, before any later plan
+    can overwrite it (plans of one slot are made on one host thread)."""
+    if slot.key.kind not in ("decode", "prefill"):
+        raise ValueError(f"static host plans are made for decode and prefill, not "
+                         f"{slot.key.kind!r}")
+    host = {name: np.ascontiguousarray(a, np.int32) for name, a in layout.items()}
+    st = slot.state
+    if getattr(st, "static_ws", None) is None:
+        size = _RING_WS_BYTES[slot.key.kind]
+        dev = st.float_ws.device
+        st.static_ws = torch.empty(size, dtype=torch.uint8, device=dev)
+        st.static_pinned = torch.empty(size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        st.static_np = st.static_pinned.numpy()
+    side = _side_stream(st.static_ws.device) if st.static_ws.is_cuda else None
+    with StreamScope(side):
+        info, _ = slot.provider.plan(slot, host, [st.static_ws], [st.static_pinned],
+                                     cuda_graph=True)
+    info = tuple(int(v) for v in info)
+    n = slot.provider.schedule_bytes(slot.key, info)
+    n = min(-(-n // 16) * 16, st.static_np.size)
+    schedule = st.static_np[:n].view(np.int32).copy()
+    slot.num_plans += 1
+    return info, schedule
 
 
 def _adopt_callback(home: PlanSlot):

@@ -43,7 +43,7 @@ class TorchProvider:
     def workspaces(self, slot):
         return None, None    # the runs read the CSR arrays themselves: no schedule to keep
 
-    def plan(self, slot, host, int_ws, pinned):
+    def plan(self, slot, host, int_ws, pinned, cuda_graph: bool = False):
         return {k: v.copy() for k, v in host.items()}, None   # plan_info: nothing reads it
 
     @staticmethod

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("auto", "reference", "flashinfer"), default="auto",
                    help="attention backend: 'auto' = FlashInfer on a CUDA GPU where it imports, "
                         "else the pure-JAX reference")
+    g.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="FlashInfer: static host plans, so XLA can capture each decode / prefill "
+                        "step's attention calls in CUDA graphs (FlashInferBackend(cuda_graphs=...))")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="compute, weight and KV pool dtype; 'auto' = float32 with the reference "
                         "backend, float16 with FlashInfer")
@@ -325,6 +328,10 @@ def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
     cache = dataclasses.replace(cache, max_pages_per_seq=min(cache.max_pages_per_seq, a.num_pages))
     model = LlamaModel(mcfg)
     params = init_params(mcfg, a.seed)
+    if backend is None and resolved == "flashinfer":
+        from seqattn_jax.bridge import FlashInferBackend  # noqa: PLC0415
+
+        backend = FlashInferBackend(cuda_graphs=a.cuda_graphs == "on")
     ecfg = EngineConfig(chunk=a.chunk, prefix_cache=not a.no_prefix_cache, mixed_steps=not a.no_mixed,
                         async_steps=not a.sync, backend=a.backend if backend is None else backend)
     engine = Engine(model, params, cache, ecfg)

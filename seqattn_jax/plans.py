@@ -25,7 +25,10 @@ class PlanMeta:
     prefill part of batch_pod; B otherwise); batch_size_p: batch_pod's prefill requests;
     plan_id: tells apart two live plans of identical shape and options in one step; key: the
     backend's own static description (FlashInfer: its bridge PlanKey; reference: None); host: the
-    plan was made on the host (`host_plan_*`) and adopted in the step."""
+    plan was made on the host (`host_plan_*`) and adopted in the step; static: a host plan's
+    backend data that is the same for every plan of its shape and is fixed in the step's program
+    (FlashInfer's CUDA-graph-mode `plan_info`, see `FlashInferBackend(cuda_graphs=True)`; None
+    otherwise)."""
 
     kind: str
     backend: Any
@@ -38,6 +41,7 @@ class PlanMeta:
     plan_id: int = 0
     key: Any = None
     host: bool = False
+    static: Any = None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -83,23 +87,27 @@ class HostPlan:
     """A plan made on the host (`attention.host_plan_*`) that waits for the step adopting it
     (`attention.adopt_plan`). A pytree: pass it to the jitted step as an argument.
 
-    With FlashInfer it holds no array: the schedule and the lengths it was made for wait in the
-    backend and reach the step through `adopt_plan`, with no host->device transfer of the step's
-    arguments (which would wait for the previous step). With the reference backend `expected`
-    (numpy int32: the planned CSR arrays, see `seqattn_jax.host_layout`) is the only content, for
-    the same check.
+    Leaves (numpy int32 when made; None where a backend keeps nothing there):
+      expected: the planned CSR arrays (see `seqattn_jax.host_layout`), which the step compares
+        with its packed batch (`AttentionPlan.ok`). The reference backend and FlashInfer's static
+        plans carry them; FlashInfer's queued plans keep them in the backend and reach the step
+        through `adopt_plan` with no host-to-device transfer of the step's arguments.
+      schedule: FlashInfer's static plans (`FlashInferBackend(cuda_graphs=True)`): the schedule
+        the kernels read (int32 [S], the int workspace's bytes); its `plan_info` is static, in
+        `meta.static`.
     """
 
-    def __init__(self, expected, meta: PlanMeta):
+    def __init__(self, expected, meta: PlanMeta, schedule=None):
         self.expected = expected
         self.meta = meta
+        self.schedule = schedule
 
     def tree_flatten(self):
-        return (self.expected,), self.meta
+        return (self.expected, self.schedule), self.meta
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(children[0], meta)
+        return cls(children[0], meta, children[1])
 
     @property
     def batch_size(self) -> int:
@@ -107,4 +115,4 @@ class HostPlan:
 
     def __repr__(self):
         return (f"HostPlan(kind={self.meta.kind!r}, batch_size={self.meta.batch_size}, "
-                f"backend={self.meta.backend!r})")
+                f"backend={self.meta.backend!r}{', static' if self.meta.static else ''})")

@@ -56,10 +56,12 @@ def cfg_(layout="NHD", dtype="float16", hkv=HKV, num_layers=2, num_pages=96, max
 
 @pytest.fixture(params=TRANSPORTS)
 def bridge(request):
-    """A FlashInfer backend of each transport (callback, ffi where it builds)."""
+    """A FlashInfer backend of each transport (callback, ffi where it builds), with queued host
+    plans (the static plans of `cuda_graphs=True` have their own tests below)."""
     be = _BACKENDS.get(request.param)
     if be is None:
-        be = _BACKENDS[request.param] = FlashInferBackend(transport=request.param)
+        be = _BACKENDS[request.param] = FlashInferBackend(transport=request.param,
+                                                          cuda_graphs=False)
     yield be
     assert be.discard_host_plans() == 0, "a test left host plans behind"
 
@@ -435,3 +437,69 @@ def test_host_plans_of_chunked_prefill_steps(bridge, kind):
     FlashInfer's kernels: chunked prefill steps (and a decode batch) adopting host plans over more
     steps than the ring holds, against the reference."""
     cpu_tests.test_host_plans_of_chunked_prefill_steps(bridge, kind, "bridge")
+
+
+# ----------------------------------------------------------------------------------------------
+# static host plans (FlashInferBackend(cuda_graphs=True)): plan_info fixed in the program, the
+# schedule a step argument, the runs on the FFI target XLA may capture in a CUDA graph
+
+_GRAPH_BACKEND: list = []
+
+
+def _graphs_backend() -> FlashInferBackend:
+    if not ffi.available():
+        pytest.skip(f"XLA FFI bridge unavailable: {ffi.unavailable_reason()}")
+    if not _GRAPH_BACKEND:
+        _GRAPH_BACKEND.append(FlashInferBackend(transport="ffi", cuda_graphs=True))
+    return _GRAPH_BACKEND[0]
+
+
+@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
+def test_static_host_plans_over_decode_steps(kernel):
+    """12 decode steps adopting static host plans, with a padding row: each step matches the
+    reference step and writes the pool in place; the step compiles once per distinct plan_info
+    (once for the tensor-core kernel, whose CUDA-graph plan depends on the shape only); a plan
+    made for other lengths is flagged."""
+    be = _graphs_backend()
+    cfg = cfg_(num_layers=3, num_pages=160, max_pages=16)
+    rng = np.random.default_rng(23)
+    state = sj.init_state(cfg)
+    lens0 = np.asarray([30, 15, 1, 64, 47])
+    state, status = sj.allocate(state, jnp.arange(5, dtype=jnp.int32), jnp.asarray(lens0, jnp.int32))
+    assert bool(sj.ok(status).all())
+    kv = rand(rng, cfg.kv_shape)
+    seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
+    host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
+    step = _decode_step(cfg, False, be, "scatter", planning="host")
+    ref_step = _decode_step(cfg, False, "reference")
+    ref_state, ref_kv = state, kv + 0
+    infos = set()
+    q = k = v = None
+    for it in range(12):
+        host_lens = np.where(host_lens > 0, host_lens + 1, 0)
+        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=be,
+                                        options=O(decode_kernel=kernel))
+        assert hp.meta.static is not None and hp.schedule is not None, "not a static plan"
+        infos.add(hp.meta.static)
+        q = rand(rng, (cfg.num_layers, 6, HQ, D))
+        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
+        ptr = kv.unsafe_buffer_pointer()
+        state, kv, outs, ok = step(state, kv, seq_ids, q, k, v, hp)
+        ref_state, ref_kv, ref_outs, _ = ref_step(ref_state, ref_kv, seq_ids, q, k, v)
+        assert bool(ok.all()), f"step {it}: the host plan did not match"
+        assert kv.unsafe_buffer_pointer() == ptr, "the KV pool was copied"
+        close(outs, ref_outs)
+        np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
+    assert step._cache_size() == len(infos), "the step retraced for the same plan_info"
+    if kernel == "tensor_core":
+        assert len(infos) == 1, f"CUDA-graph plan_info changed with the lengths: {infos}"
+    hp = attention.host_plan_decode(cfg, np.where(host_lens > 0, host_lens + 9, 0), HQ,
+                                    backend=be, options=O(decode_kernel=kernel))
+    *_, ok = step(state, kv, seq_ids, q, k, v, hp)
+    assert not bool(ok.all()), "a plan for other lengths was not flagged"
+    assert be.discard_host_plans() == 0, "static plans queue nothing"
+
+
+def test_static_host_plans_of_chunked_prefill_steps():
+    """The chunked-prefill host-plan test (tests/test_bridge_cpu.py) with static prefill plans."""
+    cpu_tests.test_host_plans_of_chunked_prefill_steps(_graphs_backend(), "prefill", "bridge")

@@ -52,13 +52,25 @@ def _check_dense(prompts, outs):
 
 
 MODES = {"all_on": {}, "no_mixed": {"mixed_steps": False}, "sync": {"async_steps": False},
-         "no_prefix_cache": {"prefix_cache": False}, "device_plans": {"host_plans": False}}
+         "no_prefix_cache": {"prefix_cache": False}, "device_plans": {"host_plans": False},
+         "cuda_graphs": {"cuda_graphs": True}, "cuda_graphs_no_mixed": {"cuda_graphs": True,
+                                                                       "mixed_steps": False}}
+
+
+def _backend(cuda_graphs: bool):
+    from seqattn_jax.bridge import FlashInferBackend, ffi  # noqa: PLC0415
+
+    if cuda_graphs and not ffi.available():
+        pytest.skip(f"XLA FFI bridge unavailable: {ffi.unavailable_reason()}")
+    return FlashInferBackend(cuda_graphs=cuda_graphs)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_engine_on_flashinfer_matches_the_dense_model(mode):
     prompts = _prompts(1, 10)
-    eng = Engine(MODEL, PARAMS, CACHE, EngineConfig(chunk=64, backend="flashinfer", **MODES[mode]))
+    kw = dict(MODES[mode])
+    eng = Engine(MODEL, PARAMS, CACHE, EngineConfig(
+        chunk=64, backend=_backend(kw.pop("cuda_graphs", False)), **kw))
     assert eng.backend.name == "flashinfer"
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=12))
     _check_dense(prompts, outs)

@@ -51,8 +51,8 @@ from seqattn_jax.kv import init_kv
 from seqattn_jax.prefix_cache import PrefixCache
 from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
-from seqattn_jax.serving.step import (StepKind, build_step, num_out_rows, pack_inputs,
-                                      step_inputs_spec, step_options)
+from seqattn_jax.serving.step import (StepKind, build_step, fold_host_plan, num_out_rows,
+                                      pack_inputs, step_inputs_spec, step_options)
 from seqattn_jax.sharding import TensorParallel
 from seqattn_jax.state import allocate, init_state, release
 from seqattn_jax.validation import Status
@@ -248,7 +248,9 @@ def _jitted_step(model, cache, kind, B, Bp, C, backend, tp=None):
         STEP_TRACES[key] += 1
         return step(*args)
 
-    return jax.jit(traced, donate_argnums=(1, 2, 3))
+    # FlashInfer with static plans: XLA's command buffers around the whole step, FFI calls included
+    options = getattr(backend, "compiler_options", dict)()
+    return jax.jit(traced, donate_argnums=(1, 2, 3), compiler_options=options or None)
 
 
 class Engine:
@@ -426,7 +428,8 @@ class Engine:
                     inp.update(self._sampling_arrays([None] * r, [0] * r))
                     hp = self._host_plan(kind_name, inp, d_lens, c) if kind.host_plan else None
                     fn = self._step_fn(kind, c)
-                    flat = pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp)
+                    flat, hp = fold_host_plan(
+                        pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp), hp)
                     self.kv, _, last, out = fn(self.params, self.kv, state,
                                                jnp.zeros_like(self.last_tok), flat, hp)
                     if not np.all(np.asarray(out)[-2:] == 1):
@@ -688,7 +691,8 @@ class Engine:
         if use_host_plan:
             host_plan = self._host_plan(kind_name, inp, lens if decode else None, C)
         inp.update(self._sampling_arrays(samplers, counters))
-        flat = pack_inputs(step_inputs_spec(kind, B, Bp, C), inp)
+        flat, host_plan = fold_host_plan(pack_inputs(step_inputs_spec(kind, B, Bp, C), inp),
+                                         host_plan)
         fn = self._step_fn(kind, C)
         try:
             self.kv, self.state, self.last_tok, out = fn(
@@ -697,6 +701,9 @@ class Engine:
             if use_host_plan:
                 self.backend.discard_host_plans()
             raise
+        # start the read-back now: enqueued behind this step only, so reading it after the next
+        # step is dispatched does not wait for that step too (the GPU would idle meanwhile)
+        out.copy_to_host_async()
         self.stats.steps[kind_name] += 1
         self._pending.append(_Pending(out, rows, kind_name))
         in_use = cfg.num_pages - self._free

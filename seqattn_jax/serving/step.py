@@ -32,7 +32,8 @@ from seqattn_jax.serving.sampling import sample_tokens
 from seqattn_jax.state import allocate_decoding
 from seqattn_jax.validation import ok
 
-__all__ = ["StepKind", "build_step", "pack_inputs", "step_inputs_spec", "unpack_inputs"]
+__all__ = ["FoldedPlan", "StepKind", "build_step", "fold_host_plan", "pack_inputs",
+           "step_inputs_spec", "unpack_inputs"]
 
 KINDS = ("prefill", "decode", "mixed")
 
@@ -101,6 +102,42 @@ def unpack_inputs(spec: dict, flat) -> dict:
     return out
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class FoldedPlan:
+    """A `HostPlan` whose arrays ride at the end of the step's one input vector (`fold_host_plan`):
+    its tree structure (the static plan metadata) and its leaves' (shape, dtype). A static pytree:
+    the jitted step keys on it, like on the `HostPlan`'s metadata."""
+
+    treedef: object
+    leaves: tuple
+
+    def unfold(self, flat, offset: int):
+        """Inside the step: the `HostPlan`, its leaves sliced from `flat` from `offset` on."""
+        out = []
+        for shape, dtype in self.leaves:
+            n = int(np.prod(shape))
+            x = flat[offset:offset + n].reshape(shape)
+            out.append(x if dtype == "int32" else jax.lax.bitcast_convert_type(x, jnp.dtype(dtype)))
+            offset += n
+        return jax.tree_util.tree_unflatten(self.treedef, out)
+
+
+def fold_host_plan(flat: np.ndarray, host_plan):
+    """(flat with the host plan's arrays appended, the `FoldedPlan` to pass instead of the plan):
+    the plan's arrays (the reference backend's planned lengths, FlashInfer's static schedules)
+    join the step's one host-to-device transfer instead of one transfer each. None stays None."""
+    if host_plan is None:
+        return flat, None
+    leaves, treedef = jax.tree_util.tree_flatten(host_plan)
+    arrays = [np.ascontiguousarray(x) for x in leaves]
+    for x in arrays:
+        if x.dtype.itemsize != 4:
+            raise ValueError(f"fold_host_plan: plan arrays must be 32-bit, got {x.dtype}")
+    folded = FoldedPlan(treedef, tuple((x.shape, x.dtype.name) for x in arrays))
+    return np.concatenate([flat] + [x.view(np.int32).reshape(-1) for x in arrays]), folded
+
+
 def _write_view(packed_p: PackedBatch, packed_d: PackedBatch) -> PackedBatch:
     """A PackedBatch whose token rows are the prefill rows then the decode rows: what `append_kv`
     reads (`token_pages`, `token_offsets`) for one scatter over the whole step."""
@@ -127,7 +164,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
 
     `flat_inputs` is `pack_inputs` of the arrays of `step_inputs_spec` (one transfer); `host_plan` is the step's `HostPlan`
     (`host_plan_decode` / `host_plan_prefill` / `host_plan_batch_pod`) when `kind.host_plan`,
-    else None. `backend` is a backend object (or name).
+    else None; or the `FoldedPlan` of `fold_host_plan`, whose arrays follow the inputs in
+    `flat_inputs`. `backend` is a backend object (or name).
 
     `tp`: a `seqattn_jax.sharding.TensorParallel` (the pool sharded over KV heads on its mesh, the
     params in its layout) or None. With it, plans are made for one device's heads (its local cache
@@ -144,9 +182,12 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
         cache, hq = tp.local_cache(cache), tp.local_heads(hq)
 
     spec = step_inputs_spec(kind, B, Bp, C)
+    n_spec = sum(int(np.prod(shape)) for shape, _ in spec.values())
 
     def step(params, kv, state, last_tok, flat, host_plan):
         inp = unpack_inputs(spec, flat)
+        if isinstance(host_plan, FoldedPlan):
+            host_plan = host_plan.unfold(flat, n_spec)
         packed_p = packed_d = None
         ok_alloc = jnp.asarray(True)
         if kind.has_prefill:
