@@ -97,11 +97,12 @@ def _fill(eng: Engine, batch: int, ctx: int, max_new: int, seed=0):
     return hs
 
 
-def device_bound_loop(eng: Engine):
-    """`run(n)`: the engine's decode step program dispatched n times back to back for every running
-    request (a host plan per step, tokens fed back on the device, nothing read until the end);
-    returns after the n-th step finished and checks its allocation and plan flags."""
-    kind = StepKind("decode", greedy_only=True, host_plan=True)
+def device_bound_loop(eng: Engine, steps: int = 1):
+    """`run(n)`: the engine's decode step program (K = `steps` decode steps per program)
+    dispatched n times back to back for every running request (host plans per dispatch, tokens fed
+    back on the device, nothing read until the end); returns after the n-th finished and checks
+    its allocation and plan flags."""
+    kind = StepKind("decode", greedy_only=True, host_plan=True, steps=steps)
     fn = engine_mod._jitted_step(eng.model, eng.cache, kind, eng.B, eng.Bp, eng.config.chunk,
                                  eng.backend)
     while eng._pending:
@@ -112,18 +113,23 @@ def device_bound_loop(eng: Engine):
     lens = np.zeros((eng.B,), np.int32)
     lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
     inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
+    if steps > 1:
+        inp["d_n"] = np.where(d_ids >= 0, steps, 0).astype(np.int32)
     inp = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
     bufs = [eng.kv, eng.state, eng.last_tok]
     eng.kv = eng.state = eng.last_tok = None    # donated from here on
 
+    def plan():
+        lens[:len(slots)] += 1
+        return attention.host_plan_decode(eng.cache, lens, eng.model.num_heads,
+                                          options=eng.options, q_dtype=eng.cache.jnp_dtype,
+                                          backend=eng.backend)
+
     def run(n):
         out = None
         for _ in range(n):
-            lens[:len(slots)] += 1
-            hp = attention.host_plan_decode(eng.cache, lens, eng.model.num_heads,
-                                            options=eng.options, q_dtype=eng.cache.jnp_dtype,
-                                            backend=eng.backend)
-            flat, hp = fold_host_plan(inp, hp)
+            hp = tuple(plan() for _ in range(steps))
+            flat, hp = fold_host_plan(inp, hp[0] if steps == 1 else hp)
             *bufs[:], out = fn(eng.params, *bufs, flat, hp)
         jax.block_until_ready(bufs[2])
         assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
@@ -144,28 +150,35 @@ def _backend(graphs: bool):
 
 
 def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: bool = False,
-                 params=None) -> dict:
+                 params=None, decode_steps: int = 1) -> dict:
+    """Per decode step (ms): served (Engine.step in steady state, sub-steps counted), device-bound
+    (the same program back to back), the HBM floor; torch + FlashInfer when `torch_too`."""
     cfg, ctx = SHAPES[shape]
     params = init_params(cfg, 0) if params is None else params
-    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps + 64, backend=_backend(graphs))
-    _fill(eng, batch, ctx, max_new=4 * n_steps + 32)
-    # served: Engine.step() in steady state
+    K = decode_steps
+    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps * K + 64,
+                  backend=_backend(graphs), decode_steps=K)
+    _fill(eng, batch, ctx, max_new=4 * n_steps * K + 32)
+    # served: Engine.step() in steady state, per decode step (a multi-step dispatch holds K)
     served = []
     for _ in range(3):
         jax.block_until_ready(eng.last_tok)
+        rows0 = eng.stats.decode_rows
         t0 = time.perf_counter()
-        for _ in range(n_steps // 3):
+        for _ in range(max(1, n_steps // 3 // K)):
             eng.step()
         jax.block_until_ready(eng.last_tok)
-        served.append((time.perf_counter() - t0) / (n_steps // 3))
+        served.append((time.perf_counter() - t0) / ((eng.stats.decode_rows - rows0) / batch))
     # device-bound: the same decode program back to back
-    run = device_bound_loop(eng)
+    run = device_bound_loop(eng, K)
+    run(1)
     bound = []
     for _ in range(3):
+        n = max(1, n_steps // 3 // K)
         t0 = time.perf_counter()
-        run(n_steps // 3)
-        bound.append((time.perf_counter() - t0) / (n_steps // 3))
-    res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs,
+        run(n)
+        bound.append((time.perf_counter() - t0) / (n * K))
+    res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
                served_ms=1e3 * statistics.median(served),
                device_bound_ms=1e3 * statistics.median(bound),
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
@@ -262,8 +275,10 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--shapes", nargs="+", default=["small", "1b"])
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+    ap.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
                     help="FlashInferBackend(cuda_graphs=...) for the engine's decode rows")
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 4],
+                    help="EngineConfig.decode_steps values to measure (multi-step decode)")
     ap.add_argument("--legacy", default=None, help="a checkout of the code before the engine (e2e)")
     a = ap.parse_args(argv)
     secs = {"decode", "mixed", "e2e"} if "all" in a.sections else set(a.sections)
@@ -274,22 +289,27 @@ def main(argv=None):
         modes = {"on": (True,), "off": (False,), "both": (False, True)}[a.cuda_graphs]
         for shape in a.shapes:
             for b in a.batches:
-                for i, g in enumerate(modes):
-                    last = i == len(modes) - 1    # torch once per shape and batch
+                variants = [(g, k) for g in modes for k in a.decode_steps]
+                for i, (g, k) in enumerate(variants):
+                    last = i == len(variants) - 1    # torch once per shape and batch
                     r = bench_decode(shape, b, a.steps, torch_too=last and not a.no_torch,
-                                     graphs=g)
+                                     graphs=g, decode_steps=k)
                     rows.append(r)
                     log(json.dumps(r))
         results["decode"] = rows
         log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
-        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'served':>8} {'dev-bound':>9} {'torch eager':>11} "
-            f"{'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} {'served/floor':>12}")
+        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'served':>8} {'dev-bound':>9} "
+            f"{'torch eager':>11} {'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} "
+            f"{'served/floor':>12} {'served/bound':>12}")
+        torch_at = {(r["shape"], r["batch"]): r for r in rows if "torch_graph_ms" in r}
         for r in rows:
-            te, tg = r.get("torch_eager_ms", float("nan")), r.get("torch_graph_ms", float("nan"))
+            t = torch_at.get((r["shape"], r["batch"]), {})
+            te, tg = t.get("torch_eager_ms", float("nan")), t.get("torch_graph_ms", float("nan"))
             log(f"{r['shape']:6} {r['batch']:5d} {'on' if r['cuda_graphs'] else 'off':>6} "
-                f"{r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
+                f"{r['decode_steps']:2d} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
                 f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
-                f"{r['served_ms'] / r['hbm_floor_ms']:12.2f}")
+                f"{r['served_ms'] / r['hbm_floor_ms']:12.2f} "
+                f"{r['served_ms'] / r['device_bound_ms']:12.2f}")
     if "mixed" in secs:
         r = bench_mixed(a.shapes[0], 64, 512, 24)
         results["mixed"] = r

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off the automatic prefix cache (every prompt is prefilled in full)")
     g.add_argument("--no-mixed", action="store_true",
                    help="run prefill chunks and decode batches as separate forwards (no batch POD)")
+    g.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                   help="decode steps per dispatch while only decode work runs (multi-step decode: "
+                        "K forwards in one program, tokens fed back on the device)")
     g.add_argument("--sync", action="store_true",
                    help="read each step's tokens before dispatching the next (no one-step lag)")
     g.add_argument("--backend", choices=("auto", "reference", "flashinfer"), default="auto",
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(p: argparse.ArgumentParser, a) -> None:
     for name in ("requests", "batch", "chunk", "page_size", "num_pages", "layers", "d_model", "heads",
-                 "kv_heads", "head_dim", "ffn", "vocab"):
+                 "kv_heads", "head_dim", "ffn", "vocab", "decode_steps"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not (1 <= a.prompt_len[0] <= a.prompt_len[1]):
@@ -333,7 +336,8 @@ def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
 
         backend = FlashInferBackend(cuda_graphs=a.cuda_graphs == "on")
     ecfg = EngineConfig(chunk=a.chunk, prefix_cache=not a.no_prefix_cache, mixed_steps=not a.no_mixed,
-                        async_steps=not a.sync, backend=a.backend if backend is None else backend)
+                        async_steps=not a.sync, decode_steps=a.decode_steps,
+                        backend=a.backend if backend is None else backend)
     engine = Engine(model, params, cache, ecfg)
     backend = engine.backend.name
 
@@ -372,7 +376,8 @@ def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
     if not a.no_check:
         check = dense_check(model, params, requests, tol)
     from seqattn_jax.serving import engine as engine_mod  # noqa: PLC0415
-    traces = {f"{k[2].kind}{'' if k[2].greedy_only else '/sampled'}"
+    traces = {f"{k[2].kind}{'' if k[2].steps == 1 else f' x{k[2].steps}'}"
+              f"{'' if k[2].greedy_only else '/sampled'}"
               f"{'/host-plan' if k[2].host_plan else ''} C={k[5]}": v
               for k, v in engine_mod.STEP_TRACES.items() if k[0] == model and k[1] == cache}
     return Summary(backend=backend, device=str(jax.devices()[0].device_kind), dtype=dtype, model=mcfg,
@@ -404,9 +409,13 @@ def report(s: Summary, console=None) -> None:
     t.add_row("throughput", f"{gen / s.run_s:,.0f} generated tok/s, "
                             f"{(st.prefill_tokens + gen) / s.run_s:,.0f} tok/s with prefill, {s.run_s:.2f} s")
     steps = sum(st.steps.values())
-    t.add_row("steps", f"{steps} ({', '.join(f'{v} {k}' for k, v in sorted(st.steps.items()))}), "
-                       f"{1e3 * s.run_s / max(steps, 1):.2f} ms each on average; decode rows "
-                       f"{st.decode_rows / max(st.steps['decode'] + st.steps['mixed'], 1):.1f} of "
+    multi = (f" ({st.multi_steps} of them {e.decode_steps} steps in one program)"
+             if st.multi_steps else "")
+    # decode sub-steps: a multi-step dispatch runs decode_steps of them
+    sub = st.steps["decode"] + st.steps["mixed"] + st.multi_steps * (e.decode_steps - 1)
+    t.add_row("steps", f"{steps} ({', '.join(f'{v} {k}' for k, v in sorted(st.steps.items()))})"
+                       f"{multi}, {1e3 * s.run_s / max(steps, 1):.2f} ms each on average; "
+                       f"decode rows {st.decode_rows / max(sub, 1):.1f} of "
                        f"{c.max_seqs} busy; mixed steps {'on' if e.mixed_steps else 'off'}, host "
                        f"{'one step behind' if e.async_steps else 'in lockstep'}; "
                        f"{st.syncs} prefix-cache syncs, {st.discarded_tokens} tokens discarded")

@@ -52,12 +52,14 @@ MODES = {
     "no_async": {"async_steps": False},
     "no_mixed": {"mixed_steps": False},
     "no_prefix_cache": {"prefix_cache": False},
+    "multi_step": {"decode_steps": 3},
+    "multi_step_sync_device_plans": {"decode_steps": 4, "async_steps": False, "host_plans": False},
     "all_off": {"async_steps": False, "mixed_steps": False, "prefix_cache": False,
                 "host_plans": False},
 }
 
 
-@pytest.mark.parametrize("mode", [m if m == "all_on" else
+@pytest.mark.parametrize("mode", [m if m in ("all_on", "multi_step") else
                                   pytest.param(m, marks=pytest.mark.slow) for m in sorted(MODES)])
 def test_greedy_equals_dense_model_in_every_mode(mode):
     prompts = _prompts(1, 9)
@@ -69,6 +71,8 @@ def test_greedy_equals_dense_model_in_every_mode(mode):
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
     if mode == "all_on":
         assert eng.stats.steps["mixed"] > 0 and eng.stats.reused_tokens > 0
+    if mode.startswith("multi_step"):
+        assert eng.stats.multi_steps > 0, "no multi-step decode ran"
 
 
 def test_each_step_program_compiles_once():
@@ -87,23 +91,28 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch():
                                [SamplingParams(max_new_tokens=6, temperature=1.0, seed=i)
                                 for i in range(2)] + [sp] + [SamplingParams(max_new_tokens=4)] * 3)
     np.testing.assert_array_equal(alone, crowd[2])
+    # multi-step decode samples with the same per-token counters
+    np.testing.assert_array_equal(alone, _engine(decode_steps=3).generate([prompt], sp)[0])
     other_seed = _engine().generate([prompt], SamplingParams(
         max_new_tokens=8, temperature=3.0, top_k=40, top_p=0.98, seed=99))[0]
     assert not np.array_equal(alone, other_seed)
 
 
-def test_stop_token_and_max_tokens_end_at_the_right_token():
+@pytest.mark.parametrize("steps", [1, 4])
+def test_stop_token_and_max_tokens_end_at_the_right_token(steps):
     prompt = _prompts(6, 1)[0]
     ref = _reference(prompt, 10)
     stop = ref[3]
     first = ref.index(stop)
-    eng = _engine()
+    eng = _engine(decode_steps=steps)
     h_stop = eng.submit(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))
     h_len = eng.submit(prompt, SamplingParams(max_new_tokens=5))
     eng.run()
     assert h_stop.tokens == ref[:first + 1] and h_stop.finish_reason == "stop"
     assert h_len.tokens == ref[:5] and h_len.finish_reason == "length"
     assert eng.check_idle()["pages_in_use"] == 0
+    if steps > 1:
+        assert eng.stats.multi_steps > 0
 
 
 @pytest.mark.slow
@@ -178,14 +187,16 @@ def _random_workload(n_requests, seed, **cfg):
     return eng
 
 
-@pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False}])
+@pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False},
+                                 {"decode_steps": 3}])
 def test_random_workload_with_cancellations_leaks_no_page(cfg):
     eng = _random_workload(60, 11, **cfg)
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False}])
+@pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False},
+                                 {"decode_steps": 4}])
 def test_random_workload_of_1000_requests_leaks_no_page(cfg):
     eng = _random_workload(1000, 12, **cfg)
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}

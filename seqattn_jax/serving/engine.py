@@ -75,6 +75,11 @@ class EngineConfig:
       async_steps: dispatch step t+1 before reading step t's tokens (the host lags one step).
       host_plans: plan every step's attention on the host from the lengths the host knows
         (FlashInfer: no device sync inside a step); False plans inside the step.
+      decode_steps: K >= 1 decode steps per dispatch when only decode work is running (no prompt
+        to prefill, and no slot frees up for a waiting request within the K steps): multi-step
+        decode, one program running K forwards with allocation, sampling and token feedback on
+        the device. A request stopped by a stop token
+        computes at most K - 1 tokens past it (discarded); none runs past its max_new_tokens.
       backend: attention backend: "auto" | "reference" | "flashinfer" or a backend object
         (e.g. `seqattn_jax.bridge.FlashInferBackend(...)`).
       mesh: None (one device) or a `jax.sharding.Mesh` with axis `mesh_axis` to run tensor
@@ -91,12 +96,13 @@ class EngineConfig:
     mixed_steps: bool = True
     async_steps: bool = True
     host_plans: bool = True
+    decode_steps: int = 1
     backend: object = "auto"
     mesh: object = None
     mesh_axis: str = "tp"
 
     def __post_init__(self):
-        for name in ("chunk", "max_prefill_requests"):
+        for name in ("chunk", "max_prefill_requests", "decode_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
@@ -128,7 +134,8 @@ class EngineStats:
     reused_tokens: int = 0         # prompt tokens taken from the prefix cache
     generated_tokens: int = 0      # tokens handed to callers
     discarded_tokens: int = 0      # computed after a stop token, dropped
-    decode_rows: int = 0           # sum of decode batch occupancy
+    decode_rows: int = 0           # sum of decode batch occupancy (over every decode sub-step)
+    multi_steps: int = 0           # multi-step decode dispatches (EngineConfig.decode_steps > 1)
     syncs: int = 0                 # host reads of device state outside the lagged tokens
     peak_running: int = 0
     peak_pages_in_use: int = 0
@@ -407,33 +414,44 @@ class Engine:
         t0 = time.perf_counter()
         cfg, C = self.cache, self.config.chunk_buckets
         n_p = max(1, min(C[-1], cfg.max_seq_len - 2))
+        K = self.config.decode_steps
+        programs = [(k, c, 1) for k in ("prefill", "mixed") for c in C] + [("decode", C[-1], 1)]
+        if K > 1:
+            programs.append(("decode", C[-1], K))
         for greedy in ((True, False) if sampled else (True,)):
-            for kind_name in ("prefill", "mixed", "decode"):
-                for c in (C if kind_name != "decode" else C[-1:]):
-                    state = init_state(cfg)
-                    lens = [min(n_p, c), 2] if self.B > 1 else [min(n_p, c)]
-                    state, _ = allocate(state, self._pad(list(range(len(lens)))), self._pad(lens, 0))
-                    kind = StepKind(kind_name, greedy_only=greedy, host_plan=self.config.host_plans)
-                    inp = {}
-                    if kind.has_prefill:
-                        inp.update(p_tokens=np.zeros((c,), np.int32), p_ids=self._padp([0]),
-                                   p_new=self._padp([lens[0]], 0), p_end=self._padp([lens[0]], 0),
-                                   p_emit=self._padp([0]))
-                    d_lens = np.zeros((self.B,), np.int32)
-                    if kind.has_decode:
-                        d = 1 if len(lens) > 1 and kind.has_prefill else 0
-                        inp["d_ids"] = self._pad([d])
-                        d_lens[0] = lens[d] + 1
-                    r = num_out_rows(kind, self.B, self.Bp)
-                    inp.update(self._sampling_arrays([None] * r, [0] * r))
-                    hp = self._host_plan(kind_name, inp, d_lens, c) if kind.host_plan else None
-                    fn = self._step_fn(kind, c)
-                    flat, hp = fold_host_plan(
-                        pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp), hp)
-                    self.kv, _, last, out = fn(self.params, self.kv, state,
-                                               jnp.zeros_like(self.last_tok), flat, hp)
-                    if not np.all(np.asarray(out)[-2:] == 1):
-                        raise RuntimeError(f"warmup: the {kind_name} step's checks failed")
+            for kind_name, c, steps in programs:
+                state = init_state(cfg)
+                lens = [min(n_p, c), 2] if self.B > 1 else [min(n_p, c)]
+                lens = [min(n, cfg.max_seq_len - steps) for n in lens]
+                state, _ = allocate(state, self._pad(list(range(len(lens)))), self._pad(lens, 0))
+                kind = StepKind(kind_name, greedy_only=greedy, host_plan=self.config.host_plans,
+                                steps=steps)
+                inp = {}
+                if kind.has_prefill:
+                    inp.update(p_tokens=np.zeros((c,), np.int32), p_ids=self._padp([0]),
+                               p_new=self._padp([lens[0]], 0), p_end=self._padp([lens[0]], 0),
+                               p_emit=self._padp([0]))
+                d_lens = np.zeros((steps, self.B), np.int32)
+                if kind.has_decode:
+                    d = 1 if len(lens) > 1 and kind.has_prefill else 0
+                    inp["d_ids"] = self._pad([d])
+                    d_lens[:, 0] = lens[d] + 1 + np.arange(steps)
+                    if steps > 1:
+                        inp["d_n"] = self._pad([steps], 0)
+                r = num_out_rows(kind, self.B, self.Bp)
+                inp.update(self._sampling_arrays([None] * r, [0] * r))
+                hp = None
+                if kind.host_plan:
+                    hp = tuple(self._host_plan(kind_name, inp, d_lens[j], c)
+                               for j in range(steps))
+                    hp = hp[0] if steps == 1 else hp
+                fn = self._step_fn(kind, c)
+                flat, hp = fold_host_plan(
+                    pack_inputs(step_inputs_spec(kind, self.B, self.Bp, c), inp), hp)
+                self.kv, _, last, out = fn(self.params, self.kv, state,
+                                           jnp.zeros_like(self.last_tok), flat, hp)
+                if not np.all(np.asarray(out)[-2:] == 1):
+                    raise RuntimeError(f"warmup: the {kind_name} step's checks failed")
         # the allocator / prefix-cache programs of admission, indexing and release (fixed shapes)
         prompt = np.zeros((min(cfg.page_size + 1, cfg.max_seq_len),), np.int32)
         slots, empty = self._pad([0]), [np.zeros((0,), np.int32)] * (self.B - 1)
@@ -630,10 +648,15 @@ class Engine:
             if prefill:
                 self._launch("prefill", prefill, [])
             if decode:
-                self._launch("decode", [], decode)
+                # K steps at once when no prefill waits for a step and no slot frees up for a
+                # waiting request within them (a stop token may still end one earlier)
+                K = self.config.decode_steps
+                left = min(r.sampling.max_new_tokens - r.n_sched for r in decode)
+                k = K if K > 1 and not prefill and (not self._waiting or left >= K) else 1
+                self._launch("decode", [], decode, steps=k)
         return True
 
-    def _launch(self, kind_name: str, prefill, decode) -> None:
+    def _launch(self, kind_name: str, prefill, decode, steps: int = 1) -> None:
         cfg, B, Bp = self.cache, self.B, self.Bp
         rows: list[tuple[int, _Request]] = []
         samplers: list[SamplingParams | None] = []
@@ -668,28 +691,39 @@ class Engine:
         if decode:
             off = Bp if prefill else 0
             d_ids = np.full((B,), -1, np.int32)
-            lens = np.zeros((B,), np.int32)
+            d_n = np.zeros((B,), np.int32)     # sub-steps each row runs (multi-step decode)
+            lens = np.zeros((steps, B), np.int32)
             d_samplers: list[SamplingParams | None] = [None] * B
             d_counters = [0] * B
             for i, r in enumerate(decode):
                 d_ids[i] = r.slot
-                if r.kv_len % cfg.page_size == 0:
-                    self._free -= 1          # the step's allocate_decoding takes a new page
-                r.kv_len += 1
-                lens[i] = r.kv_len
+                d_n[i] = n = min(steps, r.sampling.max_new_tokens - r.n_sched)
                 d_samplers[i] = r.sampling
                 d_counters[i] = r.n_sched
-                r.n_sched += 1
-                rows.append((off + i, r))
+                for j in range(n):
+                    if r.kv_len % cfg.page_size == 0:
+                        self._free -= 1      # the sub-step's allocate_decoding takes a new page
+                    r.kv_len += 1
+                    lens[j, i] = r.kv_len
+                r.n_sched += n
+            # rows in sub-step order, so each request's tokens arrive in order
+            rows += [(off + j * B + i, r) for j in range(steps)
+                     for i, r in enumerate(decode) if j < d_n[i]]
             inp["d_ids"] = d_ids
+            if steps > 1:
+                inp["d_n"] = d_n
             samplers += d_samplers
             counters += d_counters
-            self.stats.decode_rows += len(decode)
+            self.stats.decode_rows += int(d_n.sum())
         use_host_plan = self.config.host_plans
         kind = StepKind(kind_name, greedy_only=all(s is None or s.greedy for s in samplers),
-                        host_plan=use_host_plan)
+                        host_plan=use_host_plan, steps=steps)
         if use_host_plan:
-            host_plan = self._host_plan(kind_name, inp, lens if decode else None, C)
+            if steps > 1:
+                host_plan = tuple(self._host_plan(kind_name, inp, lens[j], C)
+                                  for j in range(steps))
+            else:
+                host_plan = self._host_plan(kind_name, inp, lens[0] if decode else None, C)
         inp.update(self._sampling_arrays(samplers, counters))
         flat, host_plan = fold_host_plan(pack_inputs(step_inputs_spec(kind, B, Bp, C), inp),
                                          host_plan)
@@ -701,6 +735,7 @@ class Engine:
             if use_host_plan:
                 self.backend.discard_host_plans()
             raise
+        self.stats.multi_steps += steps > 1
         # start the read-back now: enqueued behind this step only, so reading it after the next
         # step is dispatched does not wait for that step too (the GPU would idle meanwhile)
         out.copy_to_host_async()

@@ -45,11 +45,21 @@ class StepKind:
     kind: "prefill" | "decode" | "mixed"; greedy_only: every row greedy (no sort / draws);
     host_plan: the step's attention plan comes from a `HostPlan` argument (made on the host before
     dispatch: no device sync inside the step); else it is planned inside the step.
+    steps: decode only: K decode steps in one program (multi-step decode), each feeding its
+    sampled tokens to the next on the device; row b runs the first `d_n[b]` of them. With host
+    plans the program takes a tuple of K `HostPlan`s, one per sub-step.
     """
 
     kind: str
     greedy_only: bool = True
     host_plan: bool = False
+    steps: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"StepKind.steps must be a positive int, got {self.steps!r}")
+        if self.steps > 1 and self.kind != "decode":
+            raise ValueError(f"StepKind.steps > 1 is for decode steps, not {self.kind!r}")
 
     @property
     def has_prefill(self) -> bool:
@@ -61,7 +71,8 @@ class StepKind:
 
 
 def num_out_rows(kind: StepKind, B: int, Bp: int) -> int:
-    """Sampled rows of a step: one per prefill request, then one per decode slot."""
+    """Sampling rows of a step: one per prefill request, then one per decode slot (a multi-step
+    decode samples K tokens per row: `kind.steps * B` tokens out, row b of sub-step j at j * B + b)."""
     return (Bp if kind.has_prefill else 0) + (B if kind.has_decode else 0)
 
 
@@ -73,6 +84,8 @@ def step_inputs_spec(kind: StepKind, B: int, Bp: int, C: int) -> dict[str, tuple
                     p_end=((Bp,), "int32"), p_emit=((Bp,), "int32"))
     if kind.has_decode:
         spec.update(d_ids=((B,), "int32"))
+    if kind.steps > 1:
+        spec.update(d_n=((B,), "int32"))
     r = num_out_rows(kind, B, Bp)
     spec.update(temperature=((r,), "float32"), top_k=((r,), "int32"), top_p=((r,), "float32"),
                 seed=((r,), "uint32"), counter=((r,), "int32"))
@@ -188,6 +201,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
         inp = unpack_inputs(spec, flat)
         if isinstance(host_plan, FoldedPlan):
             host_plan = host_plan.unfold(flat, n_spec)
+        if kind.steps > 1:
+            return multi_decode(params, kv, state, last_tok, inp, host_plan)
         packed_p = packed_d = None
         ok_alloc = jnp.asarray(True)
         if kind.has_prefill:
@@ -261,5 +276,49 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
                                                                             mode="drop")
         flags = jnp.stack([ok_alloc, plan.ok]).astype(jnp.int32)
         return kv, state, last_tok, jnp.concatenate([toks, flags])   # one device-to-host read
+
+    def multi_decode(params, kv, state, last_tok, inp, host_plans):
+        """K decode steps in one program: sub-step j allocates, plans (adopts host plan j),
+        runs the forward and samples (counter + j) for the rows with j < d_n, and feeds its
+        tokens to sub-step j + 1 through `last_tok`."""
+        ok_alloc = plan_ok = jnp.asarray(True)
+        drop, toks_all = cache.max_seqs, []
+        for j in range(kind.steps):
+            d_ids = jnp.where(j < inp["d_n"], inp["d_ids"], -1)
+            state, status = allocate_decoding(state, d_ids)
+            ok_j = ok(status)
+            ok_alloc = ok_alloc & ok_j
+            d_ids = jnp.where(ok_j, d_ids, -1)
+            packed = pack_for_flashinfer(state, d_ids)
+            tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].get(mode="fill",
+                                                                         fill_value=0)
+
+            def make_plan(hp, packed):
+                return attention.adopt_plan(hp, packed) if kind.host_plan else \
+                    attention.plan_decode(cache, packed, hq, **plan_kw)
+
+            hp = host_plans[j] if kind.host_plan else None
+            plan = make_plan(hp, packed) if tp is None else tp.plan(make_plan, hp, packed)
+            plan_ok = plan_ok & plan.ok
+
+            def attend_local(q, k, v, kv, layer, packed, plan):
+                kv = attention.append_kv(cache, kv, k, v, packed, layer=layer)
+                out = attention.batch_decode(cache, q, kv, packed, plan=plan, layer=layer)
+                return out.astype(q.dtype), kv
+
+            def attend(q, k, v, kv, layer, packed=packed, plan=plan, attend_local=attend_local):
+                if tp is None:
+                    return attend_local(q, k, v, kv, layer, packed, plan)
+                return tp.attend(full, lambda q, k, v, kv, ex, plan: attend_local(
+                    q, k, v, kv, layer, ex, plan))(q, k, v, kv, packed, plan)
+
+            logits, kv = model.forward(params, tokens, packed.positions, kv, attend,
+                                       jnp.arange(B, dtype=jnp.int32))
+            toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"],
+                                 inp["seed"], inp["counter"] + j, greedy_only=kind.greedy_only)
+            last_tok = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].set(toks, mode="drop")
+            toks_all.append(toks)
+        flags = jnp.stack([ok_alloc, plan_ok]).astype(jnp.int32)
+        return kv, state, last_tok, jnp.concatenate(toks_all + [flags])
 
     return step
