@@ -20,6 +20,8 @@ travels in the `HostPlan` as a step argument, and their runs go to an FFI target
 with XLA's command buffers on (jax's default on GPU) a whole decode step becomes CUDA graphs
 instead of ~15 kernel launches a layer from the host.
 
+Batch POD runs as an FFI call only with a static plan (else as a buffer_callback).
+
 Transports: "ffi" (decode and prefill runs as XLA FFI custom calls through `jax-tvm-ffi` and the
 C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++ compiler for the shim's
 one-time build), "callback" (every run a `buffer_callback`: ~25 us of Python per call), "auto"
@@ -268,9 +270,14 @@ class FlashInferBackend:
         return dict(self.COMMAND_BUFFERS) if jax.default_backend() == "gpu" else {}
 
     def _static(self, meta) -> bool:
-        """Host plans of this kind are static plans (see `cuda_graphs`)."""
-        return (self.cuda_graphs and meta.kind in ("decode", "prefill") and meta.key.ffi
-                and (self.devices is None or len(self.devices) == 1))
+        """Host plans of this kind are static plans (see `cuda_graphs`): decode and prefill plans
+        whose runs are FFI calls, and batch POD plans where the FFI path is available (batch POD
+        runs as an FFI call only with a static plan)."""
+        if not self.cuda_graphs or (self.devices is not None and len(self.devices) > 1):
+            return False
+        if meta.kind == "batch_pod":
+            return self._ffi("decode") and self.provider.has_ffi
+        return meta.kind in ("decode", "prefill") and meta.key.ffi
 
     def adopt(self, host_plan, n_expected):
         if host_plan.meta.static is not None:   # everything came in with the step's arguments
@@ -359,11 +366,23 @@ class FlashInferBackend:
         self._check("batch_pod", config, plan, kv, q_p=q_p, q_d=q_d)
         rp = self._run_params(config, plan)
         slot = self.slots.get(plan.meta.key)
-        ind_p, _ = self._indices(config, packed_p, layer, plan.meta.key)
-        ind_d, _ = self._indices(config, packed_d, layer, plan.meta.key)
-        res = ops.batch_pod(slot, rp, plan.token, q_p, packed_p.qo_indptr,
-                            packed_p.kv_page_indptr, ind_p, packed_p.kv_last_page_len, q_d,
-                            packed_d.kv_page_indptr, ind_d, packed_d.kv_last_page_len, kv)
+        if plan.meta.static is not None:   # an FFI call XLA may capture (static plans only)
+            layer, pages = self._layer(config, layer)
+            if pages is None:              # a traced layer: global page indices
+                ind_p = packed_p.layer_page_indices(layer, config.num_pages)
+                ind_d = packed_d.layer_page_indices(layer, config.num_pages)
+            else:
+                ind_p, ind_d = packed_p.kv_page_indices, packed_d.kv_page_indices
+            res = ffi.batch_pod(slot, rp, plan.token, q_p, packed_p.qo_indptr,
+                                packed_p.kv_page_indptr, ind_p, packed_p.kv_last_page_len, q_d,
+                                packed_d.kv_page_indptr, ind_d, packed_d.kv_last_page_len, kv,
+                                pages, plan.meta.static)
+        else:
+            ind_p, _ = self._indices(config, packed_p, layer, plan.meta.key)
+            ind_d, _ = self._indices(config, packed_d, layer, plan.meta.key)
+            res = ops.batch_pod(slot, rp, plan.token, q_p, packed_p.qo_indptr,
+                                packed_p.kv_page_indptr, ind_p, packed_p.kv_last_page_len, q_d,
+                                packed_d.kv_page_indptr, ind_d, packed_d.kv_last_page_len, kv)
         out_p, lse_p = _zero_rows_past(res[0], res[2] if rp.return_lse else None,
                                        packed_p.qo_indptr)
         return ((out_p, res[1]), (lse_p, res[3])) if rp.return_lse else (out_p, res[1])

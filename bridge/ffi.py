@@ -251,34 +251,39 @@ def publish_plan(slot) -> None:
 
 
 def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: int,
-            kv_output: int | None = None, static_plan=None) -> Program:
-    """Compile a FlashInfer argument list (`fi_provider.run_args` / `append_args`) into the
-    shim's program. `inputs`: the input index of each symbolic buffer; `pages`: the layer's
-    static page range of the pool (None: the whole pool); `kv_input` / `kv_output`: where the
-    pool is (K / V halves of an input for runs, of the aliased output for append).
-    `static_plan`: (plan_info tuple, input index of the schedule) of a static plan: plan_info
-    fixed in the program, the int workspace an operand (else both come from the slot at run
-    time)."""
+            kv_output: int | None = None, static_plan: dict | None = None,
+            outputs: dict | None = None) -> Program:
+    """Compile a FlashInfer argument list (`fi_provider.run_args` / `batch_pod_args` /
+    `append_args`) into the shim's program. `inputs`: the input index of each symbolic buffer;
+    `pages`: the layer's static page range of the pool (None: the whole pool); `kv_input` /
+    `kv_output`: where the pool is (K / V halves of an input for runs, of the aliased output for
+    append); `outputs`: the output index of each output symbol (default OUT 0, LSE 1; an index
+    past the outputs passes None). `static_plan`: a static plan's symbols: a plan_info symbol ->
+    its tuple (fixed in the program), an int workspace symbol -> the input index of its schedule
+    (else both come from the slot at run time)."""
     from . import fi_provider as fp  # noqa: PLC0415
 
+    outputs = {fp.OUT: 0, fp.LSE: 1} if outputs is None else outputs
+    static = static_plan or {}
     p = Program(n_in, n_out)
     first, count = pages if pages is not None else (0, -1)
     for a in args:
         if isinstance(a, fp.Arg):
-            if a is fp.FLOAT_WS:
+            if a in static:
+                v = static[a]
+                p.plan_const(v) if isinstance(v, tuple) else p.inp(v)
+            elif a is fp.FLOAT_WS:
                 p.raw(slot.state.float_ws, RAW_U8)
             elif a is fp.INT_WS:
-                p.inp(static_plan[1]) if static_plan else p.plan_ws(slot.id)
+                p.plan_ws(slot.id)
             elif a is fp.PLAN_INFO:
-                p.plan_const(static_plan[0]) if static_plan else p.plan(slot.id)
+                p.plan(slot.id)
             elif a is fp.K or a is fp.V:
                 p.kv_pages("k" if a is fp.K else "v", kv_input, first, count)
             elif a is fp.K_CACHE or a is fp.V_CACHE:
                 p.kv_pages("k" if a is fp.K_CACHE else "v", kv_output, first, count, output=True)
-            elif a is fp.OUT:
-                p.out(0)
-            elif a is fp.LSE:
-                p.out(1) if n_out > 1 else p.none()
+            elif a in outputs:
+                p.out(outputs[a]) if outputs[a] < n_out else p.none()
             elif any(a is r for r in (fp.KEYS, fp.VALUES, fp.BATCH_INDICES, fp.POSITIONS)):
                 p.rows(inputs[a], slot.id)      # cut to the plan's real token rows
             else:
@@ -303,16 +308,56 @@ def _run(slot, rp, operands: tuple, names: tuple, out_like, pages, static_plan=N
     inputs = {getattr(fp, n.upper()): i for i, n in enumerate(names)
               if n not in ("kv", "token", "schedule")}
     n_out = 2 if rp.return_lse else 1
-    static = None if static_plan is None else (static_plan, names.index("schedule"))
+    static = None if static_plan is None else {fp.PLAN_INFO: static_plan,
+                                               fp.INT_WS: names.index("schedule")}
     p = program(slot, fp.run_args(slot, rp), inputs, len(operands), n_out, pages,
                 kv_input=names.index("kv"), static_plan=static)
-    if static is not None and not p.capturable:   # a static plan's call must be replayable
-        raise AssertionError(f"seqattn_jax: a static-plan call reads run-time state: {p.prog}")
-    target = _register(capturable=static is not None)
+    target = _capturable_target(p) if static is not None else _register()
     outs = [jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)]
     if rp.return_lse:
         outs.append(jax.ShapeDtypeStruct(out_like.shape[:2], jnp.float32))
     return tuple(jax.ffi.ffi_call(target, tuple(outs))(*operands, **p.attrs(fn_id)))
+
+
+def _capturable_target(p: Program) -> str:
+    """The capturable FFI target, for a program that reads nothing decided at run time."""
+    if not p.capturable:
+        raise AssertionError(f"seqattn_jax: a static-plan call reads run-time state: {p.prog}")
+    return _register(capturable=True)
+
+
+def _as_bytes(schedule):
+    """A static plan's schedule (int32 [S]) as the uint8 workspace FlashInfer addresses by byte
+    offsets (a bitcast: no copy)."""
+    return jax.lax.bitcast_convert_type(schedule, jnp.uint8).reshape(-1)
+
+
+def batch_pod(slot, rp, schedule, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d,
+              indices_d, lpl_d, kv, pages, static_plan):
+    """FlashInfer's batch POD (a paged prefill batch and a decode batch in one launch) as an XLA
+    FFI call, for static plans only: `static_plan` = (decode plan_info, prefill plan_info),
+    `schedule` their schedules end to end (int32: the decode half's `n_d` words first, as
+    `ops.host_plan_static` lays them out). -> (o_p, o_d[, lse_p, lse_d]); prefill rows past
+    qo_indptr_p[B] unwritten."""
+    from . import fi_provider as fp  # noqa: PLC0415
+
+    (info_d, info_p), n_d = static_plan[:2], static_plan[2]
+    operands = (q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, q_d, indptr_d, indices_d, lpl_d,
+                kv, _as_bytes(schedule[:n_d]), _as_bytes(schedule[n_d:]))
+    inputs = {fp.Q_P: 0, fp.QO_INDPTR_P: 1, fp.INDPTR_P: 2, fp.INDICES_P: 3, fp.LPL_P: 4,
+              fp.Q_D: 5, fp.INDPTR: 6, fp.INDICES: 7, fp.LPL: 8}
+    n_out = 4 if rp.return_lse else 2
+    p = program(slot, fp.batch_pod_args(slot, rp), inputs, len(operands), n_out, pages,
+                kv_input=9, static_plan={fp.PLAN_INFO: info_d, fp.INT_WS: 10,
+                                         fp.PLAN_INFO_P: info_p, fp.INT_WS_P: 11},
+                outputs={fp.OUT_P: 0, fp.OUT_D: 1, fp.LSE_P: 2, fp.LSE_D: 3})
+    outs = [jax.ShapeDtypeStruct(q_p.shape, q_p.dtype), jax.ShapeDtypeStruct(q_d.shape, q_d.dtype)]
+    if rp.return_lse:
+        outs += [jax.ShapeDtypeStruct(q_p.shape[:2], jnp.float32),
+                 jax.ShapeDtypeStruct(q_d.shape[:2], jnp.float32)]
+    fn_id = register_function(fp.batch_pod_function(slot))
+    return tuple(jax.ffi.ffi_call(_capturable_target(p), tuple(outs))(*operands,
+                                                                       **p.attrs(fn_id)))
 
 
 def _last(token, static_plan):
@@ -320,7 +365,7 @@ def _last(token, static_plan):
     int workspace bytes, int32 -> uint8: FlashInfer addresses it by byte offsets)."""
     if static_plan is None:
         return token, "token"
-    return jax.lax.bitcast_convert_type(token, jnp.uint8).reshape(-1), "schedule"
+    return _as_bytes(token), "schedule"
 
 
 def decode(slot, rp, token, q, kv, indptr, indices, lpl, pages=None, static_plan=None):

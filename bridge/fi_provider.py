@@ -118,6 +118,11 @@ class Arg:
 FLOAT_WS, INT_WS, PLAN_INFO = Arg("float_ws"), Arg("int_ws"), Arg("plan_info")
 Q, K, V, QO_INDPTR, INDPTR, INDICES, LPL, OUT, LSE = (
     Arg(n) for n in ("q", "k", "v", "qo_indptr", "indptr", "indices", "lpl", "out", "lse"))
+# batch POD's prefill half (the decode half uses the names above)
+INT_WS_P, PLAN_INFO_P, Q_P, QO_INDPTR_P, INDPTR_P, INDICES_P, LPL_P, OUT_P, LSE_P = (
+    Arg(n) for n in ("int_ws_p", "plan_info_p", "q_p", "qo_indptr_p", "indptr_p", "indices_p",
+                     "lpl_p", "out_p", "lse_p"))
+Q_D, OUT_D, LSE_D = Arg("q_d"), Arg("out_d"), Arg("lse_d")
 # append: the real token rows of each input, and the K / V halves of the (aliased) output pool
 KEYS, VALUES, BATCH_INDICES, POSITIONS, K_CACHE, V_CACHE = (
     Arg(n) for n in ("keys", "values", "batch_indices", "positions", "k_cache", "v_cache"))
@@ -144,6 +149,25 @@ def run_args(slot, rp) -> list:
     return [FLOAT_WS, INT_WS, PLAN_INFO, Q, K, V, qo, INDPTR, INDICES, LPL, OUT, LSE, mask,
             st.layout, key.window_left, st.pdl, None, None, st.alibi, None, None, None, None, None,
             *scalars, 0]
+
+
+def batch_pod_args(slot, rp) -> list:
+    """`batch_pod_function(slot)`'s argument list (`pod.py`, BatchPODWithPagedKVCacheWrapper.run:
+    the prefill half, then the decode half as a tensor-core decode, then PDL and the SM-aware
+    scheduling counters); the float workspaces are the slot's two halves."""
+    key, st = slot.key, slot.state
+    rs, rt = 1.0 / rp.rope_scale, 1.0 / rp.rope_theta
+    return [st.float_ws_p, INT_WS_P, PLAN_INFO_P, Q_P, K, V, QO_INDPTR_P, INDPTR_P, INDICES_P,
+            LPL_P, OUT_P, LSE_P, 1 if key.causal else 0, st.layout, key.window_left, None, None,
+            st.alibi, 0.0, float(rp.sm_scale), rs, rt,
+            st.float_ws_d, INT_WS, PLAN_INFO, Q_D, K, V, st.arange_qo, INDPTR, INDICES, LPL,
+            OUT_D, LSE_D, 0, st.layout, key.window_left, None, None, st.alibi, 0.0,
+            float(rp.sm_scale), rs, rt, st.pdl, st.sm_aware_sched]
+
+
+def batch_pod_function(slot):
+    """The raw tvm-ffi batch POD function of a batch_pod slot."""
+    return slot.state.bpod.run_tensor
 
 
 def append_args(slot) -> list:
@@ -269,8 +293,9 @@ class FlashInferProvider:
         only on the batch's shape (B requests, the prefill's T rows: planned for T, the real row
         count travels in the schedule), so a call captured with one plan replays with another."""
         key, st = slot.key, slot.state
-        if cuda_graph and key.kind not in ("decode", "prefill"):
-            raise ValueError(f"CUDA-graph plans are made for decode and prefill, not {key.kind!r}")
+        if cuda_graph and key.kind not in ("decode", "prefill", "batch_pod"):
+            raise ValueError(f"CUDA-graph plans are made for decode, prefill and batch POD, not "
+                             f"{key.kind!r}")
         if key.kind in ("decode", "pod"):
             return self._plan_decode(st, key, host, st.float_ws, int_ws[0], pinned[0],
                                      cuda_graph), None
@@ -283,13 +308,15 @@ class FlashInferProvider:
         if key.kind == "batch_pod":
             info_d = self._plan_prefill_like(
                 st, key, st.float_ws_d, int_ws[0], pinned[0], st.arange_qo_host, host["indptr"],
-                host["lpl"], key.batch_size, False)
+                host["lpl"], key.batch_size, False, cuda_graph=cuda_graph)
             qo_p = host["qo_indptr_p"]
-            rows_p = int(qo_p[-1])
+            # CUDA-graph mode plans for the bucket's T rows (the real count is in the schedule)
+            rows_p = key.num_rows if cuda_graph else int(qo_p[-1])
             colocated = 0 if rows_p > 1536 else int(info_d[0])
             info_p = self._plan_prefill_like(
                 st, key, st.float_ws_p, int_ws[1], pinned[1], torch.from_numpy(qo_p.copy()),
-                host["indptr_p"], host["lpl_p"], rows_p, key.causal, colocated)
+                host["indptr_p"], host["lpl_p"], rows_p, key.causal, colocated,
+                cuda_graph=cuda_graph)
             return info_d, info_p
         raise ValueError(key.kind)
 
@@ -300,6 +327,8 @@ class FlashInferProvider:
         block-valid mask (padded_batch_size = plan_info[0] each), o_indptr (B + 1), merge_indptr
         (rows + 1) and two scalars, each aligned to 16 bytes; a CUDA-core decode plan a subset)."""
         P, B, T = int(plan_info[0]), key.batch_size, max(key.num_rows, key.batch_size)
+        if key.kind == "batch_pod":   # either half: the larger request count and row count
+            B = max(B, key.batch_size_p)
         return 4 * (3 * P + (B + 1) + (T + 1) + 2) + P + 8 * 16
 
     # ---------------------------------------------------------------- runs

@@ -465,37 +465,45 @@ def _host_plan_one(slot: PlanSlot, layout: dict[str, np.ndarray], append_rows: i
 
 
 def host_plan_static(slot: PlanSlot, layout: dict[str, np.ndarray]) -> tuple[tuple, np.ndarray]:
-    """A static plan (FlashInfer's CUDA-graph mode, decode and prefill): plan `slot` on the host
-    from `layout` and return (plan_info as a tuple of ints: the same for every plan of this
-    shape, to be fixed in the step's program; the schedule, int32[S]: the int workspace's bytes,
-    to be passed into the step as an operand of its runs). Nothing is queued: the step gets
-    everything from its arguments, so XLA may capture its runs in a CUDA graph (bridge/ffi.py).
+    """A static plan (FlashInfer's CUDA-graph mode: decode, prefill, batch POD): plan `slot` on
+    the host from `layout` and return (static, schedule). `static` is the same for every plan of
+    this shape, to be fixed in the step's program: plan_info as a tuple of ints (batch POD:
+    (decode plan_info, prefill plan_info, words of the decode schedule)). `schedule` (int32[S],
+    the int workspaces' bytes; batch POD: decode's then prefill's) is passed into the step as an
+    operand of its runs. Nothing is queued: the step gets everything from its arguments, so XLA
+    may capture its runs in a CUDA graph (bridge/ffi.py).
 
     FlashInfer's plan writes the schedule into pinned host memory and then copies it to a device
     workspace; the copy goes to a scratch workspace nobody reads (on a side stream), and the
     schedule is taken from the pinned buffer right after the plan returns, before any later plan
     can overwrite it (plans of one slot are made on one host thread)."""
-    if slot.key.kind not in ("decode", "prefill"):
-        raise ValueError(f"static host plans are made for decode and prefill, not "
-                         f"{slot.key.kind!r}")
+    kind = slot.key.kind
+    if kind not in ("decode", "prefill", "batch_pod"):
+        raise ValueError(f"static host plans are made for decode, prefill and batch POD, not "
+                         f"{kind!r}")
     host = {name: np.ascontiguousarray(a, np.int32) for name, a in layout.items()}
     st = slot.state
+    n_ws = 2 if kind == "batch_pod" else 1
     if getattr(st, "static_ws", None) is None:
-        size = _RING_WS_BYTES[slot.key.kind]
-        dev = st.float_ws.device
-        st.static_ws = torch.empty(size, dtype=torch.uint8, device=dev)
-        st.static_pinned = torch.empty(size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-        st.static_np = st.static_pinned.numpy()
-    side = _side_stream(st.static_ws.device) if st.static_ws.is_cuda else None
+        size, dev = _RING_WS_BYTES[kind], st.float_ws.device
+        st.static_ws = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(n_ws)]
+        st.static_pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+                            for _ in range(n_ws)]
+        st.static_np = [t.numpy() for t in st.static_pinned]
+    side = _side_stream(st.static_ws[0].device) if st.static_ws[0].is_cuda else None
     with StreamScope(side):
-        info, _ = slot.provider.plan(slot, host, [st.static_ws], [st.static_pinned],
-                                     cuda_graph=True)
-    info = tuple(int(v) for v in info)
-    n = slot.provider.schedule_bytes(slot.key, info)
-    n = min(-(-n // 16) * 16, st.static_np.size)
-    schedule = st.static_np[:n].view(np.int32).copy()
+        infos = slot.provider.plan(slot, host, st.static_ws, st.static_pinned, cuda_graph=True)
+    parts, static = [], []
+    for info, pinned in zip(infos[:n_ws], st.static_np):
+        info = tuple(int(v) for v in info)
+        n = slot.provider.schedule_bytes(slot.key, info)
+        n = min(-(-n // 16) * 16, pinned.size)
+        parts.append(pinned[:n].view(np.int32).copy())
+        static.append(info)
     slot.num_plans += 1
-    return info, schedule
+    if kind == "batch_pod":
+        return (static[0], static[1], parts[0].size), np.concatenate(parts)
+    return static[0], parts[0]
 
 
 def _adopt_callback(home: PlanSlot):

@@ -500,6 +500,8 @@ def test_static_host_plans_over_decode_steps(kernel):
     assert be.discard_host_plans() == 0, "static plans queue nothing"
 
 
-def test_static_host_plans_of_chunked_prefill_steps():
-    """The chunked-prefill host-plan test (tests/test_bridge_cpu.py) with static prefill plans."""
-    cpu_tests.test_host_plans_of_chunked_prefill_steps(_graphs_backend(), "prefill", "bridge")
+@pytest.mark.parametrize("kind", ["prefill", "batch_pod"])
+def test_static_host_plans_of_chunked_prefill_steps(kind):
+    """The chunked-prefill host-plan test (tests/test_bridge_cpu.py) with static prefill and batch
+    POD plans (batch POD then runs as an FFI call too)."""
+    cpu_tests.test_host_plans_of_chunked_prefill_steps(_graphs_backend(), kind, "bridge")
