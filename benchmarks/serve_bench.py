@@ -184,6 +184,14 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng, run
     if torch_too:
+        # The baseline runs in this (JAX) process, on the same GPU. A device-side fault in it (an
+        # illegal memory access, say) is not silent: it is raised, asynchronously, at the
+        # baseline's next synchronising call as torch.AcceleratorError and propagates out of this
+        # function, so this call's JAX figures above are lost with it (earlier rows were logged).
+        # It cannot be caught and survived: CUDA errors of that kind are sticky, they poison the
+        # device's primary context, which torch and XLA share in one process, so every later CUDA
+        # call of either fails too. To keep the JAX run alive through a broken baseline, run the
+        # baseline in its own process (`python benchmarks/torch_llama.py --json out.json`).
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import torch_llama  # noqa: PLC0415 - benchmarks/torch_llama.py (torch + FlashInfer)
         # the same weights (the JAX params moved to the host), run by torch + FlashInfer

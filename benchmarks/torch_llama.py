@@ -40,6 +40,17 @@ KV pool: one tensor [L, num_pages + 1, 2, page_size, Hkv, hd] (FlashInfer's NHD 
 the extra last page is a scratch page that graph capture writes into, so capture never touches a
 sequence's data. Page accounting is on the host (`HostPageTable`, numpy, no loop over sequences).
 
+Failures: a device-side fault (illegal memory access, ...) is reported asynchronously, at the next
+call that synchronises (a `.cpu()`, `float(...)`, `torch.cuda.synchronize()`), as
+torch.AcceleratorError, so the line in its traceback is rarely the faulting kernel's (run with
+CUDA_LAUNCH_BLOCKING=1, or under compute-sanitizer, to find that). Such an error is sticky: the
+process's CUDA context is unusable afterwards, for torch and for anything sharing the device's
+primary context in the same process (JAX / XLA included); catching the exception does not recover
+it. It is never swallowed here: it propagates to the caller. A caller whose own (JAX) work must
+survive a failing baseline runs this module in a separate process (the CLI, `--json`).
+`run_benchmark` checks the paths (`check_paths`, which syncs after the eager steps, after the
+capture and after the graph steps) before it times anything.
+
 From the serving benchmark (run from the repository root; params from seqattn_jax's Llama):
 
     from benchmarks.torch_llama import TorchLlama, run_benchmark, time_decode, hbm_floor_ms
@@ -378,7 +389,15 @@ def _import_flashinfer():
 
 @dataclasses.dataclass
 class _Graph:
-    """A captured decode step for a fixed batch: its static buffers and the wrapper over them."""
+    """A captured decode step for a fixed batch: its static buffers and the wrapper over them.
+
+    Lifetime rule: a CUDA graph holds raw device pointers, never references to torch tensors, so
+    every tensor its kernels read or write that was allocated *outside* the capture (the caching
+    allocator's normal pool) must be owned here (or by the model) for as long as the graph can be
+    replayed. A tensor kept only by a local of `capture_graph` is freed when it returns, its block
+    goes back to the allocator and the next allocation of that size (e.g. a 512-byte `.clone()` of
+    the token buffer) reuses it; the replay then reads that data as its indices. (Tensors the
+    capture itself allocates live in the graph's private pool, which the graph keeps.)"""
 
     batch: int
     graph: Any
@@ -388,6 +407,13 @@ class _Graph:
     indptr: torch.Tensor        # the wrapper's fixed buffers, which the graph's append reads too
     indices: torch.Tensor
     lpl: torch.Tensor
+    bi: torch.Tensor            # [B] int32 0..B-1: the append's batch_indices (row b: sequence b)
+    attn: Any = None            # the _FlashInferAttention over the buffers above (kept, see above)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """[B] int32: the rows' positions (RoPE and the append), a view of meta."""
+        return self.meta[:self.batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +457,7 @@ class TorchLlama:
             torch.arange(0, self.hd // 2, dtype=torch.float32, device=self.device) * 2.0 / self.hd))
         self.fi = None
         self._graphs: dict[int, _Graph] = {}
+        self._plan_events: dict[int, Any] = {}     # id(wrapper) -> CUDA event after its last plan
         if attention == "flashinfer":
             self.fi = fi if fi is not None else _import_flashinfer()
             self._ws = torch.zeros(workspace_mb * 1024 * 1024, dtype=torch.uint8,
@@ -546,16 +573,41 @@ class TorchLlama:
         return dict(indptr=dev[o[0]:o[1]], lpl=dev[o[1]:o[2]], bi=dev[o[2]:o[3]],
                     pos=dev[o[3]:o[4]], indices=dev[o[4]:])
 
+    def _fenced_plan(self, wrapper, plan: Callable[[], None]) -> None:
+        """Run `plan` (one wrapper.plan call) so it cannot overwrite data a queued copy still reads.
+
+        FlashInfer's plan writes its schedule (request / tile indices, chunk size, ...) into the
+        wrapper's page-locked host buffer and queues an asynchronous copy of it to the device
+        buffer the kernels read, without waiting for the previous plan's copy. The host runs ahead
+        of the GPU here (tokens stay on the device, nothing syncs a decode loop), so a second plan
+        could rewrite the host buffer before the first copy ran: that step's kernels would read
+        another plan's schedule against their own indptr (or, outside CUDA-graph mode, at other
+        offsets). An event recorded after each plan and waited for before the wrapper's next one
+        keeps the host at most one plan ahead of the GPU (still overlapped: the host plans step
+        t+1 while the GPU runs step t). No-op off CUDA."""
+        if self.device.type != "cuda":
+            plan()
+            return
+        ev = self._plan_events.get(id(wrapper))
+        if ev is None:
+            ev = self._plan_events[id(wrapper)] = torch.cuda.Event()
+        else:
+            ev.synchronize()
+        plan()
+        ev.record()
+
     def _plan_decode(self, wrapper, lay: PagedLayout, indices_dev):
-        wrapper.plan(torch.from_numpy(lay.kv_indptr), indices_dev,
-                     torch.from_numpy(lay.kv_last_page_len), self.hq, self.hkv, self.hd,
-                     self.page_size, q_data_type=self.dtype)
+        # indptr / last_page_len on the host (plan reads them there; in CUDA-graph mode it copies
+        # them into the wrapper's fixed buffers), indices on the device, all int32, as the probe
+        self._fenced_plan(wrapper, lambda: wrapper.plan(
+            torch.from_numpy(lay.kv_indptr), indices_dev, torch.from_numpy(lay.kv_last_page_len),
+            self.hq, self.hkv, self.hd, self.page_size, q_data_type=self.dtype))
 
     def _plan_prefill(self, lay: PagedLayout, indices_dev):
-        self._prefill_w.plan(torch.from_numpy(lay.qo_indptr), torch.from_numpy(lay.kv_indptr),
-                             indices_dev, torch.from_numpy(lay.kv_last_page_len), self.hq,
-                             self.hkv, self.hd, self.page_size, causal=True,
-                             q_data_type=self.dtype)
+        self._fenced_plan(self._prefill_w, lambda: self._prefill_w.plan(
+            torch.from_numpy(lay.qo_indptr), torch.from_numpy(lay.kv_indptr), indices_dev,
+            torch.from_numpy(lay.kv_last_page_len), self.hq, self.hkv, self.hd, self.page_size,
+            causal=True, q_data_type=self.dtype))
 
     def _step(self, tokens, prefill: PagedLayout | None, decode: PagedLayout | None,
               logits: str, dense: bool = False) -> torch.Tensor:
@@ -633,68 +685,92 @@ class TorchLlama:
         flashinfer only): embedding, every layer (FlashInfer append and the use_cuda_graph decode
         wrapper over fixed buffers), the logits, the argmax and the token feedback.
 
-        capture=False builds the same static buffers and wrapper but "replays" by running the
-        forward over them eagerly, without CUDA: the CPU tests check the graph step's plumbing
-        (buffers, plans, token feedback) that way. Never a timing path."""
+        Every tensor the captured kernels read that is allocated here (tokens, positions and page
+        ids, the wrapper's indptr / indices / last-page-len buffers, the append's batch indices)
+        is owned by the `_Graph` (see its docstring): the graph itself keeps no tensor alive.
+
+        The capture runs over a dummy plan (every sequence: one token on the scratch page). That
+        is sound because in CUDA-graph mode FlashInfer's plan fixes the launch shape from the
+        batch alone (padded grid, tile size, split-kv always on, workspace offsets), so a later
+        plan of real lengths only rewrites the buffers' contents (its scheduler's
+        enable_cuda_graph branch: PrefillSplitQOKVIndptr / PrefillPlan).
+
+        capture=False builds the same static buffers and wrapper and runs the step once, as the
+        capture does, but "replays" by running the forward over the buffers eagerly, without CUDA:
+        the CPU tests check the graph step's plumbing (buffers, plans, token feedback, and that
+        every tensor the step reads is owned by the `_Graph`) that way. Never a timing path."""
         if self.fi is None or (capture and self.device.type != "cuda"):
             raise ValueError("capture_graph needs attention='flashinfer' on a CUDA device")
         B, dev = int(batch), self.device
+        if not 0 < B <= self.pages.max_seqs:
+            raise ValueError(f"batch must be in [1, {self.pages.max_seqs}] (max_batch), got {B}")
         i32 = dict(dtype=torch.int32, device=dev)
         g = _Graph(batch=B, graph=torch.cuda.CUDAGraph() if capture else None, wrapper=None,
                    tokens=torch.zeros(B, dtype=torch.int64, device=dev),
                    meta=torch.zeros(B + self.num_pages + 1, **i32),
                    indptr=torch.arange(B + 1, **i32),
+                   # every page of the pool fits (a step holds at most num_pages), plus the scratch
                    indices=torch.zeros(self.num_pages + 1, **i32),
-                   lpl=torch.ones(B, **i32))
+                   lpl=torch.ones(B, **i32),
+                   bi=torch.arange(B, **i32))
         g.wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
             self._ws, "NHD", use_cuda_graph=True, use_tensor_cores=True,
             paged_kv_indptr_buffer=g.indptr, paged_kv_indices_buffer=g.indices,
             paged_kv_last_page_len_buffer=g.lpl)
         # plan a dummy batch for the warm-up and capture: every row is token 0 of the scratch page
+        # (position 0, so the capture's append and attention stay inside that page)
         scratch = np.full(B, self.num_pages, np.int32)
         dummy = PagedLayout(np.arange(B + 1, dtype=np.int32), np.arange(B + 1, dtype=np.int32),
                             scratch, np.ones(B, np.int32), np.arange(B, dtype=np.int32),
                             np.zeros(B, np.int32), self.page_size)
+        g.meta[:B].zero_()
         g.meta[B:2 * B].copy_(torch.from_numpy(scratch))
         self._plan_decode(g.wrapper, dummy, g.meta[B:2 * B])
-        bi = torch.arange(B, **i32)
-        pos = g.meta[:B]
-        attn = _FlashInferAttention(self.fi, self.kv, bi, pos, g.indices, g.indptr, g.lpl,
-                                    [(g.wrapper, 0, B)])
-
-        def body():
-            g.tokens.copy_(torch.argmax(self.forward(g.tokens, pos, attn), -1))
-
+        g.attn = _FlashInferAttention(self.fi, self.kv, g.bi, g.pos, g.indices, g.indptr, g.lpl,
+                                      [(g.wrapper, 0, B)])
         if not capture:
-            g.graph = types.SimpleNamespace(replay=body)
+            self._graph_body(g)                  # what the warm-up and the capture run
+            # holds g (and the model) only, as a CUDA graph's owner does: nothing else is kept
+            g.graph = types.SimpleNamespace(replay=lambda: self._graph_body(g))
             self._graphs[B] = g
             return
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            body()
+            self._graph_body(g)
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(g.graph):
-            body()
+            self._graph_body(g)
+        # a fault in the warm-up surfaces here (CUDA errors are asynchronous), not at a later sync
         torch.cuda.synchronize()
         self._graphs[B] = g
+
+    def _graph_body(self, g: _Graph) -> None:
+        """The captured step: reads only g's buffers (and the model's weights and KV pool)."""
+        g.tokens.copy_(torch.argmax(self.forward(g.tokens, g.pos, g.attn), -1))
 
     def step_graph(self, seqs: Sequence[int], tokens=None) -> torch.Tensor:
         """One greedy decode step by graph replay (after `capture_graph(len(seqs))`): the host
         grants pages and plans the wrapper (which copies the step's indptr / indices / last page
         lengths into the graph's buffers), one copy of the positions, then replay. `tokens` [B]
         sets the input tokens; None feeds back the previous replay's argmax. Returns the graph's
-        token buffer [B] int64 (overwritten by the next replay: clone to keep it)."""
+        token buffer [B] int64 (overwritten by the next replay: clone to keep it).
+
+        The graph's append writes row b at sequence b's position; `seqs` must be distinct (the
+        page table checks) and is mapped in order onto the graph's rows 0..B-1."""
         B = len(seqs)
         if B not in self._graphs:
             raise ValueError(f"no graph for batch {B}: call capture_graph({B}) first "
                              f"(captured: {sorted(self._graphs)})")
         g = self._graphs[B]
         if tokens is not None:
-            g.tokens.copy_(torch.as_tensor(tokens).to(self.device, torch.int64, non_blocking=True))
+            tokens = torch.as_tensor(tokens)
+            if tokens.shape != (B,):
+                raise ValueError(f"tokens must have shape ({B},), got {tuple(tokens.shape)}")
+            g.tokens.copy_(tokens.to(self.device, torch.int64, non_blocking=True))
         lay = self.pages.extend(seqs, 1)
         nnz = len(lay.kv_indices)
-        if nnz > self.num_pages:
+        if nnz > len(g.indices) or B + nnz > len(g.meta):   # cannot happen: nnz <= num_pages
             raise ValueError(f"the step holds {nnz} pages, more than the graph's index buffer")
         packed = np.concatenate([lay.positions, lay.kv_indices]).astype(np.int32)
         g.meta[:B + nnz].copy_(torch.from_numpy(packed), non_blocking=True)
@@ -884,7 +960,10 @@ def run_benchmark(cfg, batch: int, ctx: int, params: dict | None = None, prefill
     """Every figure for one shape on the GPU: decode (eager, graph), a prefill chunk, a mixed
     iteration, and the HBM floor. `params` default: `random_params(cfg)` in cfg.dtype.
     `prefill_backend`: the prefill wrapper's ("auto": FA3 on Hopper, as vLLM; "fa2": the kernel
-    the engine runs, and no FA3 compile)."""
+    the engine runs, and no FA3 compile).
+
+    Runs in the caller's process: a CUDA fault in it raises (torch.AcceleratorError) and leaves the
+    process's CUDA context, JAX's included, unusable (see the module docstring, "Failures")."""
     if params is None:
         params = random_params(cfg, seed=seed, dtype=np.float16 if torch_dtype(cfg.dtype) ==
                                torch.float16 else np.float32)

@@ -10,10 +10,12 @@ API; the CUDA graph needs a GPU and is not exercised here.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -233,10 +235,22 @@ def test_hbm_floor_counts_every_weight_a_step_reads():
 # the FlashInfer path against a CPU stand-in of FlashInfer's API
 
 
+def _check_pages(cache, indices, indptr, lpl, ps):
+    """What a kernel reading these pages needs in bounds (on a GPU, an illegal memory access)."""
+    indptr, lpl = indptr.long(), lpl.long()
+    assert indptr.dim() == lpl.dim() == 1 and len(indptr) == len(lpl) + 1 and int(indptr[0]) == 0
+    assert (indptr[1:] > indptr[:-1]).all(), f"a sequence without pages: indptr {indptr.tolist()}"
+    assert int(indptr[-1]) <= len(indices), f"indptr[-1] {int(indptr[-1])} > {len(indices)} ids"
+    used = indices[:int(indptr[-1])].long()
+    assert ((used >= 0) & (used < cache.shape[0])).all(), f"page ids {used.tolist()} off the pool"
+    assert ((lpl >= 1) & (lpl <= ps)).all(), f"last page lengths {lpl.tolist()}"
+
+
 def _fi_attend(q, cache, qo_indptr, indptr, indices, lpl, ps):
     """FlashInfer's paged attention semantics: a sequence's rows are its last rows (causal,
     aligned to the end of its KV); GQA maps q head h to kv head h // group."""
     hq, hkv, hd = q.shape[1], cache.shape[-2], cache.shape[-1]
+    _check_pages(cache, indices, indptr, lpl, ps)
     out = torch.empty_like(q)
     for b in range(len(lpl)):
         pages = indices[int(indptr[b]):int(indptr[b + 1])].long()
@@ -307,6 +321,13 @@ class _FakePrefill(_FakeDecode):
 def _append(k, v, bi, pos, cache, indices, indptr, lpl, layout):
     assert layout == "NHD" and bi.dtype == pos.dtype == torch.int32
     ps = cache.shape[2]
+    _check_pages(cache, indices, indptr, lpl, ps)
+    assert bi.shape == pos.shape == (k.shape[0],)
+    assert ((bi >= 0) & (bi < len(lpl))).all(), f"batch indices {bi.tolist()} vs {len(lpl)} seqs"
+    npages = (indptr[1:] - indptr[:-1]).long()[bi.long()]
+    seq_len = (npages - 1) * ps + lpl.long()[bi.long()]
+    assert ((pos >= 0) & (pos.long() < seq_len)).all(), \
+        f"positions {pos.tolist()} past the sequences' lengths {seq_len.tolist()}"
     for i in range(k.shape[0]):
         page = int(indices[int(indptr[int(bi[i])]) + int(pos[i]) // ps])
         cache[page, 0, int(pos[i]) % ps] = k[i]
@@ -408,3 +429,50 @@ def test_graph_step_plumbing_without_cuda():
     assert m["separate_graph_ms"] > 0 and not model.pages.lens.any()
     with pytest.raises(ValueError, match="no graph for batch 2"):
         model.step_graph([0, 1])
+
+
+def _base_ref(t):
+    """A weak reference to the tensor owning t's memory (a view's base: a view made per call, as
+    kv[layer], dies at once while its memory lives on)."""
+    return weakref.ref(t if t._base is None else t._base)
+
+
+def test_graph_step_owns_every_buffer_its_kernels_read():
+    """The CUDA graph bug this catches: the graph's append read its batch indices from a tensor
+    only a local of capture_graph held; a CUDA graph keeps no tensor alive, so once capture_graph
+    returned that block went back to torch's allocator, the next 512-byte allocation (a clone of
+    the token buffer) reused it, and the replay read token ids as batch indices (an illegal memory
+    access on an H200). Here every tensor the capture hands FlashInfer is recorded (weakly); with
+    the replay stand-in dropped (a real graph holds no references), each must still be alive.
+    The stand-in also bounds-checks every append and attention call (_check_pages): the capture
+    writes only the scratch page, and the graph steps stay inside their sequences' pages."""
+    seen = []
+    written = []
+
+    def append(k, v, bi, pos, cache, indices, indptr, lpl, layout):
+        seen.extend(_base_ref(t) for t in (bi, pos, cache, indices, indptr, lpl))
+        ps = cache.shape[2]
+        written.extend(int(indices[int(indptr[int(b)]) + int(p) // ps]) for b, p in zip(bi, pos))
+        _append(k, v, bi, pos, cache, indices, indptr, lpl, layout)
+
+    class Decode(_FakeDecode):
+        def run(self, q, cache):
+            seen.extend(_base_ref(t) for t in (cache, *self.args[:4]))
+            return super().run(q, cache)
+
+    fi = types.SimpleNamespace(**dict(vars(FAKE_FI), append_paged_kv_cache=append,
+                                      BatchDecodeWithPagedKVCacheWrapper=Decode))
+    params = tl.random_params(CFG, seed=11)
+    model = _model(params, attention="flashinfer", fi=fi, num_pages=80)
+    model.capture_graph(3, capture=False)
+    assert len(seen) == 11 * CFG.num_layers and set(written) == {model.num_pages}   # scratch
+    model._graphs[3].graph = None                # what a torch.cuda.CUDAGraph keeps: no tensors
+    gc.collect()
+    dead = [i for i, r in enumerate(seen) if r() is None]
+    assert not dead, f"tensors the captured step reads were freed after capture: {dead}"
+    # the graph path end to end with the bounds-checking stand-in (and the page ids it wrote)
+    model.capture_graph(3, capture=False)
+    written.clear()
+    res = tl.check_paths(model, batch=3, prompt_len=6, steps=5, graph=True)
+    assert res["tokens_graph_eq_eager"] == 1.0
+    assert model.num_pages not in written        # no step but the capture writes the scratch page
