@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
+from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
+
 import serve_bench as sb  # noqa: E402
 
 
@@ -70,6 +72,7 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
 
 
 def main(argv=None):
+    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="small")
     ap.add_argument("--batch", type=int, default=64)

@@ -38,6 +38,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
+
+from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
@@ -276,6 +278,7 @@ def bench_e2e(legacy: str | None) -> dict:
 
 
 def main(argv=None):
+    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("sections", nargs="+", choices=("all", "decode", "mixed", "e2e"))
     ap.add_argument("--out", default=None)

@@ -40,6 +40,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
+
+from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -213,6 +215,7 @@ def allreduce_cost(mesh, rows: int, cfg: LlamaConfig, reps: int = 256) -> dict:
 
 
 def main(argv=None):
+    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])

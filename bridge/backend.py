@@ -88,8 +88,8 @@ class FlashInferBackend:
         provider object (`ops.KernelProvider`).
       transport: "auto", "ffi" or "callback" (see the module docstring).
       cuda_graphs: make decode and prefill host plans static (see the module docstring) where the
-        runs are FFI calls on one device; elsewhere host plans are queued. Compile steps with
-        `compiler_options()` so that XLA captures the FFI calls too.
+        runs are FFI calls on one device; elsewhere host plans are queued. For XLA to capture the
+        FFI calls too, set its command-buffer flags (`seqattn_jax.xla_flags`).
       devices: None (one device: the current one), or the devices a tensor-parallel step runs the
         backend on (`jax.Device`s or their local ordinals, e.g. `mesh.devices.flat`): every plan
         key gets a slot (modules, workspaces, host-plan queue) on each, every host plan is made
@@ -252,22 +252,6 @@ class FlashInferBackend:
         append_rows = int(layout["qo_indptr"][-1]) if meta.kind == "prefill" else None
         ops.host_plan(self.slots.get(meta.key), layout, append_rows, expected, self.devices)
         return HostPlan(None, meta)
-
-    # XLA's command buffers (CUDA graphs) around fusions, cuBLAS and cuDNN calls and the
-    # capturable FFI calls, however few commands a graph holds: measured on an H200 (the example's
-    # GPU model, batch 64, benchmarks/results/serve_runF_h200.*): the device-bound decode step
-    # 0.96 ms with XLA's default command buffers, 0.70 ms with these options.
-    COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
-                       "xla_gpu_graph_min_graph_size": "1"}
-
-    def compiler_options(self) -> dict[str, str]:
-        """Options for the jitted step (`jax.jit(..., compiler_options=...)`): with static plans
-        on a GPU, XLA's command buffers around everything capturable, FFI calls included."""
-        if not self.cuda_graphs or not self.provider.has_ffi or self.transport == "callback":
-            return {}
-        import jax  # noqa: PLC0415
-
-        return dict(self.COMMAND_BUFFERS) if jax.default_backend() == "gpu" else {}
 
     def _static(self, meta) -> bool:
         """Host plans of this kind are static plans (see `cuda_graphs`): decode and prefill plans

@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
+from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 from seqattn_jax.backend import resolve_backend  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -305,6 +306,7 @@ def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
     """Parse `argv`, serve the requests, check against the dense model; returns the `Summary`.
     `backend`: a backend object overriding --backend (tests pass FlashInfer's bridge with its
     torch CPU kernels)."""
+    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     parser = build_parser()
     a = parser.parse_args(argv)
     _check_args(parser, a)

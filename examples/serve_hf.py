@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
+from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 from decode import _COMPILES, _pointer  # noqa: E402
 from seqattn_jax.backend import resolve_backend  # noqa: E402
 from seqattn_jax.models.hf import load_hf_checkpoint, load_tokenizer, read_json  # noqa: E402
@@ -187,6 +188,7 @@ def _auto_num_pages(cache_pages: list[int], batch: int) -> int:
 def run(argv=None, *, out=None) -> Result:
     """Parse `argv`, load the checkpoint, serve the prompts (streaming text to `out`, default
     stdout, unless --quiet); returns the `Result`. Bad options exit with status 2."""
+    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     out = sys.stdout if out is None else out
     parser = build_parser()
     a = parser.parse_args(argv)

@@ -69,11 +69,6 @@ class Backend(Protocol):
 
     def append(self, config, plan: AttentionPlan, kv, keys, values, packed, layer): ...
 
-    def compiler_options(self) -> dict[str, str]:
-        """XLA compiler options a step that runs this backend should be compiled with
-        (`jax.jit(step, compiler_options=backend.compiler_options())`; {} when none)."""
-        ...
-
 
 # ----------------------------------------------------------------------------------------------
 # defaults and selection

@@ -36,9 +36,6 @@ class ReferenceBackend:
     def __repr__(self):
         return "ReferenceBackend()"
 
-    def compiler_options(self) -> dict[str, str]:
-        return {}
-
     def unsupported(self, config, q_dtype, num_qo_heads, kind, options):
         if jnp.dtype(q_dtype).name not in reference.Q_DTYPES:
             return f"q.dtype={jnp.dtype(q_dtype).name}: the reference takes {reference.Q_DTYPES}"

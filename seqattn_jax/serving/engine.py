@@ -255,9 +255,7 @@ def _jitted_step(model, cache, kind, B, Bp, C, backend, tp=None):
         STEP_TRACES[key] += 1
         return step(*args)
 
-    # FlashInfer with static plans: XLA's command buffers around the whole step, FFI calls included
-    options = getattr(backend, "compiler_options", dict)()
-    return jax.jit(traced, donate_argnums=(1, 2, 3), compiler_options=options or None)
+    return jax.jit(traced, donate_argnums=(1, 2, 3))
 
 
 class Engine:
