@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off the automatic prefix cache (every prompt is prefilled in full)")
     g.add_argument("--no-mixed", action="store_true",
                    help="run prefill chunks and decode batches as separate forwards (no batch POD)")
-    g.add_argument("--decode-steps", type=int, default=1, metavar="K",
+    g.add_argument("--decode-steps", type=int, default=4, metavar="K",
                    help="decode steps per dispatch while only decode work runs (multi-step decode: "
                         "K forwards in one program, tokens fed back on the device)")
     g.add_argument("--sync", action="store_true",

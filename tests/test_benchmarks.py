@@ -22,6 +22,15 @@ def test_serve_bench_decode_runs_on_a_tiny_shape(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    (row,) = json.loads(next(tmp_path.glob("serve_decode_*.json")).read_text())
-    assert row["shape"] == "tiny" and row["batch"] == 4
-    assert row["served_ms"] > 0 and row["device_bound_ms"] > 0 and row["hbm_floor_ms"] > 0
+    src = next(tmp_path.glob("serve_decode_*.json"))
+    rows = json.loads(src.read_text())
+    assert [r["decode_steps"] for r in rows] == [1, 4]      # --decode-steps' default: K = 1 and 4
+    for row in rows:
+        assert row["shape"] == "tiny" and row["batch"] == 4
+        assert row["served_ms"] > 0 and row["device_bound_ms"] > 0 and row["hbm_floor_ms"] > 0
+    # the plot of the same rows
+    png = tmp_path / "decode.png"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_serving.py"), str(png),
+                          str(src)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
