@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import os
+import runpy
 import pstats
 import sys
 import tempfile
@@ -22,12 +23,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# XLA's command buffers (CUDA graphs) around FlashInfer's calls too: XLA reads XLA_FLAGS as jaxlib
+# loads, so set them before `import jax`, running seqattn_jax/xla_flags.py without the package
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
+                            "xla_flags.py"))["use_command_buffers"]()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-
-from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 
 import serve_bench as sb  # noqa: E402
 
@@ -72,7 +75,6 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
 
 
 def main(argv=None):
-    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="small")
     ap.add_argument("--batch", type=int, default=64)

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import runpy
 import re
 import statistics
 import subprocess
@@ -35,11 +36,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# XLA's command buffers (CUDA graphs) around FlashInfer's calls too: XLA reads XLA_FLAGS as jaxlib
+# loads, so set them before `import jax`, running seqattn_jax/xla_flags.py without the package
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
+                            "xla_flags.py"))["use_command_buffers"]()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
@@ -278,7 +282,6 @@ def bench_e2e(legacy: str | None) -> dict:
 
 
 def main(argv=None):
-    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser()
     ap.add_argument("sections", nargs="+", choices=("all", "decode", "mixed", "e2e"))
     ap.add_argument("--out", default=None)

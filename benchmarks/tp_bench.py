@@ -31,17 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# XLA's command buffers (CUDA graphs) around FlashInfer's calls too: XLA reads XLA_FLAGS as jaxlib
+# loads, so set them before `import jax`, running seqattn_jax/xla_flags.py without the package
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
+                            "xla_flags.py"))["use_command_buffers"]()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -215,7 +219,6 @@ def allreduce_cost(mesh, rows: int, cfg: LlamaConfig, reps: int = 256) -> dict:
 
 
 def main(argv=None):
-    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])

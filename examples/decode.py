@@ -24,12 +24,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import runpy
 import pathlib
 import sys
 import time
 
 # JAX must not take the whole GPU: FlashInfer's workspaces are allocated by torch next to it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# XLA's command buffers (CUDA graphs) around FlashInfer's calls too: XLA reads XLA_FLAGS as jaxlib
+# loads, so set them before `import jax`, running seqattn_jax/xla_flags.py without the package
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
+                            "xla_flags.py"))["use_command_buffers"]()
 
 if __package__ in (None, ""):  # `python examples/decode.py` from a checkout: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -39,7 +44,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
-from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 from seqattn_jax.backend import resolve_backend  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -306,7 +310,6 @@ def run(argv=None, *, progress: bool | None = None, backend=None) -> Summary:
     """Parse `argv`, serve the requests, check against the dense model; returns the `Summary`.
     `backend`: a backend object overriding --backend (tests pass FlashInfer's bridge with its
     torch CPU kernels)."""
-    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     parser = build_parser()
     a = parser.parse_args(argv)
     _check_args(parser, a)

@@ -25,12 +25,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import runpy
 import pathlib
 import sys
 import time
 
 # JAX must not take the whole GPU: FlashInfer's workspaces are allocated by torch next to it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# XLA's command buffers (CUDA graphs) around FlashInfer's calls too: XLA reads XLA_FLAGS as jaxlib
+# loads, so set them before `import jax`, running seqattn_jax/xla_flags.py without the package
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
+                            "xla_flags.py"))["use_command_buffers"]()
 
 _HERE = pathlib.Path(__file__).resolve().parent
 if __package__ in (None, ""):  # `python examples/serve_hf.py` from a checkout: make the repo importable
@@ -41,7 +46,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
-from seqattn_jax.xla_flags import use_command_buffers  # noqa: E402
 from decode import _COMPILES, _pointer  # noqa: E402
 from seqattn_jax.backend import resolve_backend  # noqa: E402
 from seqattn_jax.models.hf import load_hf_checkpoint, load_tokenizer, read_json  # noqa: E402
@@ -188,7 +192,6 @@ def _auto_num_pages(cache_pages: list[int], batch: int) -> int:
 def run(argv=None, *, out=None) -> Result:
     """Parse `argv`, load the checkpoint, serve the prompts (streaming text to `out`, default
     stdout, unless --quiet); returns the `Result`. Bad options exit with status 2."""
-    use_command_buffers()   # before JAX's GPU backend exists (seqattn_jax/xla_flags.py)
     out = sys.stdout if out is None else out
     parser = build_parser()
     a = parser.parse_args(argv)
