@@ -311,6 +311,7 @@ def main(argv=None):
                     rows.append(r)
                     log(json.dumps(r))
         results["decode"] = rows
+        log(f"\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
         log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
         log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'served':>8} {'dev-bound':>9} "
             f"{'torch eager':>11} {'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} "
