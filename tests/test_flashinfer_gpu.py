@@ -363,29 +363,28 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     assert step._cache_size() == 1, "the step retraced"
 
 
-@pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
-def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
-    """Host plans (made before each step, adopted with no sync) over 12 steps: more steps than
-    the ring of workspaces, with a padding row; every step matches the reference step."""
+def _host_planned_decode_steps(backend, use_scan, kernel, seed, on_plan=lambda hp: None):
+    """12 decode steps adopting host plans of `backend`, with a padding row: each step matches
+    the reference step and writes the pool in place. Returns (the jitted step, the last step's
+    state, kv, seq_ids, q, k, v, host lengths) for further checks."""
     cfg = cfg_(num_layers=3, num_pages=160, max_pages=16)
-    rng = np.random.default_rng(21)
+    rng = np.random.default_rng(seed)
     state = sj.init_state(cfg)
-    ids = jnp.arange(5, dtype=jnp.int32)
     lens0 = np.asarray([30, 15, 1, 64, 47])
-    state, status = sj.allocate(state, ids, jnp.asarray(lens0, jnp.int32))
-    ok = sj.ok(status)
-    assert bool(ok.all())
+    state, status = sj.allocate(state, jnp.arange(5, dtype=jnp.int32), jnp.asarray(lens0, jnp.int32))
+    assert bool(sj.ok(status).all())
     kv = rand(rng, cfg.kv_shape)
     seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
     host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
-    step = _decode_step(cfg, use_scan, bridge, "scatter", planning="host")
+    step = _decode_step(cfg, use_scan, backend, "scatter", planning="host")
     ref_step = _decode_step(cfg, use_scan, "reference")
     ref_state, ref_kv = state, kv + 0
+    q = k = v = None
     for it in range(12):
         host_lens = np.where(host_lens > 0, host_lens + 1, 0)
-        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=bridge,
+        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=backend,
                                         options=O(decode_kernel=kernel))
+        on_plan(hp)
         q = rand(rng, (cfg.num_layers, 6, HQ, D))
         k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
         ptr = kv.unsafe_buffer_pointer()
@@ -395,6 +394,15 @@ def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
         assert kv.unsafe_buffer_pointer() == ptr, "the KV pool was copied"
         close(outs, ref_outs)
         np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
+    return step, (cfg, state, kv, seq_ids, q, k, v, host_lens)
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
+def test_decode_steps_with_host_plans(bridge, use_scan, kernel):
+    """Queued host plans (made before each step, adopted with no sync) over 12 steps: more steps
+    than the ring of workspaces; the step compiles once."""
+    step, _ = _host_planned_decode_steps(bridge, use_scan, kernel, seed=21)
     assert step._cache_size() == 1, "the step retraced"
 
 
@@ -456,40 +464,18 @@ def _graphs_backend() -> FlashInferBackend:
 
 @pytest.mark.parametrize("kernel", ["tensor_core", "cuda_core"])
 def test_static_host_plans_over_decode_steps(kernel):
-    """12 decode steps adopting static host plans, with a padding row: each step matches the
-    reference step and writes the pool in place; the step compiles once per distinct plan_info
-    (once for the tensor-core kernel, whose CUDA-graph plan depends on the shape only); a plan
-    made for other lengths is flagged."""
+    """12 decode steps adopting static host plans: each matches the reference step; the step
+    compiles once per distinct plan_info (once for the tensor-core kernel, whose CUDA-graph plan
+    depends on the shape only); a plan made for other lengths is flagged; nothing is queued."""
     be = _graphs_backend()
-    cfg = cfg_(num_layers=3, num_pages=160, max_pages=16)
-    rng = np.random.default_rng(23)
-    state = sj.init_state(cfg)
-    lens0 = np.asarray([30, 15, 1, 64, 47])
-    state, status = sj.allocate(state, jnp.arange(5, dtype=jnp.int32), jnp.asarray(lens0, jnp.int32))
-    assert bool(sj.ok(status).all())
-    kv = rand(rng, cfg.kv_shape)
-    seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
-    host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
-    step = _decode_step(cfg, False, be, "scatter", planning="host")
-    ref_step = _decode_step(cfg, False, "reference")
-    ref_state, ref_kv = state, kv + 0
     infos = set()
-    q = k = v = None
-    for it in range(12):
-        host_lens = np.where(host_lens > 0, host_lens + 1, 0)
-        hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=be,
-                                        options=O(decode_kernel=kernel))
+
+    def on_plan(hp):
         assert hp.meta.static is not None and hp.schedule is not None, "not a static plan"
         infos.add(hp.meta.static)
-        q = rand(rng, (cfg.num_layers, 6, HQ, D))
-        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
-        ptr = kv.unsafe_buffer_pointer()
-        state, kv, outs, ok = step(state, kv, seq_ids, q, k, v, hp)
-        ref_state, ref_kv, ref_outs, _ = ref_step(ref_state, ref_kv, seq_ids, q, k, v)
-        assert bool(ok.all()), f"step {it}: the host plan did not match"
-        assert kv.unsafe_buffer_pointer() == ptr, "the KV pool was copied"
-        close(outs, ref_outs)
-        np.testing.assert_array_equal(np.asarray(kv, np.float32), np.asarray(ref_kv, np.float32))
+
+    step, (cfg, state, kv, seq_ids, q, k, v, host_lens) = _host_planned_decode_steps(
+        be, False, kernel, seed=23, on_plan=on_plan)
     assert step._cache_size() == len(infos), "the step retraced for the same plan_info"
     if kernel == "tensor_core":
         assert len(infos) == 1, f"CUDA-graph plan_info changed with the lengths: {infos}"
