@@ -301,7 +301,7 @@ def _machine_test(max_examples: int):
     return Case
 
 
-# The default run: 30 sequences (~8 s on a 2-core CPU). The full 1000 (~2-4 min there) are `slow`:
+# The default run: 30 sequences (~5 s on a 2-core CPU). The full 1000 (~40 s there) are `slow`:
 # SEQATTN_SLOW=1 (as .ci/run sets) or `-m slow`; SEQATTN_PROP_EXAMPLES=N changes their count.
 TestAllocatorAgainstModel = _machine_test(30)
 TestAllocatorAgainstModelLong = pytest.mark.slow(
