@@ -9,6 +9,7 @@ equal its argmax continuation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -92,14 +93,25 @@ class TinyModel:
         return _norm(x) @ p32["embed"].T
 
     def greedy_reference(self, params, prompt, n_new: int, stop=()):
-        """The dense model's greedy continuation (recomputed from scratch for every token)."""
-        f = jax.jit(self.dense_logits)
+        """The dense model's greedy continuation (recomputed from scratch for every token).
+
+        Each sequence is right-padded to a power of two >= 32 and the row of its last token read:
+        causal attention makes that row independent of the padding, and the few padded shapes
+        compile once per process instead of once per length."""
         seq = list(int(t) for t in prompt)
         out = []
         for _ in range(n_new):
-            t = int(jnp.argmax(f(params, jnp.asarray(seq, jnp.int32))[-1]))
+            n = len(seq)
+            padded = np.zeros(max(32, 1 << (n - 1).bit_length()), np.int32)
+            padded[:n] = seq
+            t = int(jnp.argmax(_dense_logits_jit(self, params, jnp.asarray(padded))[n - 1]))
             out.append(t)
             if t in stop:
                 break
             seq.append(t)
         return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_logits_jit(model, params, tokens):
+    return model.dense_logits(params, tokens)

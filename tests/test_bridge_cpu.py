@@ -148,6 +148,7 @@ def torch_default(monkeypatch, torch_backend):
 # import hygiene and backend selection
 
 
+@pytest.mark.slow  # the same subprocess check as test_state.py's import test, which runs by default
 def test_import_does_not_import_torch():
     code = ("import sys, seqattn_jax, seqattn_jax.attention, seqattn_jax.reference\n"
             "bad = [m for m in ('torch', 'flashinfer', 'seqattn_jax.bridge') if m in sys.modules]\n"

@@ -19,26 +19,30 @@ CFG = sj.CacheConfig(num_pages=96, page_size=4, num_kv_heads=2, head_dim=16, max
                      max_pages_per_seq=12, num_layers=1, dtype="float32")
 
 
+# Jitted once at module level with fixed shapes (allocate: all max_seqs slots, unused ones padding;
+# pack: one compile per batch size 1..6), so each example runs compiled code instead of retracing.
+_allocate = jax.jit(sj.allocate)
+_pack = jax.jit(sj.pack_for_flashinfer)
+
+
 @settings(max_examples=20, deadline=None)  # 20 batches of 1-6 random lengths
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=6), st.randoms(use_true_random=False))
 def test_layout_from_lens_is_what_pack_gives(lens, rnd):
     """Allocate sequences of `lens` (0: a padding row), then decode-pack them in a random order:
     the host's indptr / last_page_len from the lengths equal the packed batch's."""
-    state = sj.init_state(CFG)
-    live = [i for i, n in enumerate(lens) if n > 0]
-    if live:
-        state, status = sj.allocate(state, jnp.asarray(live, jnp.int32),
-                                jnp.asarray([lens[i] for i in live], jnp.int32))
-        ok = sj.ok(status)
-        assert bool(ok.all())
+    padded = lens + [0] * (CFG.max_seqs - len(lens))
+    ids = np.asarray([i if n > 0 else -1 for i, n in enumerate(padded)], np.int32)
+    state, status = _allocate(sj.init_state(CFG), jnp.asarray(ids), jnp.asarray(padded, jnp.int32))
+    assert bool(sj.ok(status).all())
     order = list(range(len(lens)))
     rnd.shuffle(order)
     seq_ids = np.asarray([i if lens[i] > 0 else -1 for i in order], np.int32)
     host_lens = np.asarray([lens[i] for i in order])
-    packed = sj.pack_for_flashinfer(state, jnp.asarray(seq_ids))
+    packed = _pack(state, jnp.asarray(seq_ids))
     indptr, lpl = host_layout.decode_layout_from_lens(CFG, host_lens)
     np.testing.assert_array_equal(indptr, np.asarray(packed.kv_page_indptr))
     np.testing.assert_array_equal(lpl, np.asarray(packed.kv_last_page_len))
+    np.testing.assert_array_equal(np.asarray(packed.seq_lens), host_lens)
 
 
 def _step(hp, state, kv, q, seq_ids):

@@ -223,6 +223,7 @@ def test_bad_inputs_raise_value_errors():
         attn(jnp.zeros((4, 2, D)), k, k, kv, packed)
 
 
+@pytest.mark.slow  # a subset of test_state.py's import test (no torch, flashinfer, flax), run by default
 def test_import_seqattn_jax_does_not_import_flax():
     code = "import sys, seqattn_jax; assert 'flax' not in sys.modules, 'flax imported'; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -59,7 +59,10 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", [m if m in ("all_on", "multi_step") else
+# all_off and multi_step_sync_device_plans (device plans) compile their own step programs: slow.
+# The other modes run the all_on programs (each compiles once per process) or, multi_step, one
+# more decode program, so they cost a few engine steps.
+@pytest.mark.parametrize("mode", [m if m not in ("all_off", "multi_step_sync_device_plans") else
                                   pytest.param(m, marks=pytest.mark.slow) for m in sorted(MODES)])
 def test_greedy_equals_dense_model_in_every_mode(mode):
     prompts = _prompts(1, 9)
@@ -115,7 +118,6 @@ def test_stop_token_and_max_tokens_end_at_the_right_token(steps):
         assert eng.stats.multi_steps > 0
 
 
-@pytest.mark.slow
 def test_streamed_tokens_arrive_in_order_and_complete():
     prompts = _prompts(7, 6)
     eng = _engine()
@@ -147,7 +149,6 @@ def test_bad_requests_get_clear_errors_and_leave_others_alone():
     assert good.tokens == _reference(_prompts(8, 1)[0], 4)
 
 
-@pytest.mark.slow
 def test_cancelled_requests_free_their_pages():
     prompts = _prompts(9, 6, lo=10, hi=20)
     eng = _engine()

@@ -212,8 +212,8 @@ def test_seqattn_bug_shared_partial_page_is_never_written():
 
 def test_seqattn_bug_import_needs_no_torch_or_flashinfer():
     """`import seqattn` failed without FlashInfer, even for the allocator."""
-    code = ("import sys, seqattn_jax, seqattn_jax.checked, seqattn_jax.reference;"
-            "bad = [m for m in ('torch', 'flashinfer', 'flax') if m in sys.modules];"
+    code = ("import sys, seqattn_jax, seqattn_jax.checked, seqattn_jax.reference, seqattn_jax.attention;"
+            "bad = [m for m in ('torch', 'flashinfer', 'flax', 'seqattn_jax.bridge') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -39,6 +39,8 @@ _share = jax.jit(st.share_prefix)
 _ref = jax.jit(st.ref)
 _unref = jax.jit(st.unref)
 _copy = jax.jit(functools.partial(sj.copy_pages, CFG), donate_argnums=0)
+# The invariant packs every slot after every step: compiled once here (eager, it dispatched each op).
+_pack_all = jax.jit(lambda state: sj.pack_for_flashinfer(state, jnp.arange(S, dtype=jnp.int32)))
 
 
 @functools.partial(jax.jit, donate_argnums=1)
@@ -267,8 +269,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         stack = np.asarray(self.state.free_pages)[: int(self.state.num_free)]
         assert sorted(stack.tolist()) == np.flatnonzero(rc == 0).tolist()
         # last_page_len agrees with the pages held, for every active slot.
-        slots = jnp.arange(S, dtype=jnp.int32)
-        packed = sj.pack_for_flashinfer(self.state, slots)
+        packed = _pack_all(self.state)
         lpl = np.asarray(packed.kv_last_page_len)
         indptr = np.asarray(packed.kv_page_indptr)
         for slot in range(S):
@@ -300,7 +301,7 @@ def _machine_test(max_examples: int):
     return Case
 
 
-# The default run: 30 sequences (~8 s on a 2-core CPU). The full 1000 (~2-4 min there) are `slow`:
+# The default run: 30 sequences (~5 s on a 2-core CPU). The full 1000 (~40 s there) are `slow`:
 # SEQATTN_SLOW=1 (as .ci/run sets) or `-m slow`; SEQATTN_PROP_EXAMPLES=N changes their count.
 TestAllocatorAgainstModel = _machine_test(30)
 TestAllocatorAgainstModelLong = pytest.mark.slow(
