@@ -115,6 +115,17 @@ def test_engine_over_n_devices_gives_one_devices_greedy_tokens(devices4, n):
         assert run["pool_specs"] == ["P(None, None, None, 'tp')"]
 
 
+@pytest.mark.slow
+def test_multi_step_decode_over_two_devices_gives_one_devices_greedy_tokens(devices4):
+    """EngineConfig.decode_steps=3 on a 2-device mesh: K forwards per program, each sub-step's plan
+    made per device under shard_map; the same greedy tokens as one device, one step at a time."""
+    run = devices4["tp2_multi_step"]
+    assert run["tokens"] == devices4["single"]["tokens"]
+    assert run["multi_steps"] > 0
+    assert run["idle"] == {"pages_in_use": 0, "active_slots": 0}
+    assert run["pool_specs"] == ["P(None, None, None, 'tp')"] and run["pointers_kept"]
+
+
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.slow
 def test_no_copy_of_the_cache_per_step(devices4, n):

@@ -45,11 +45,11 @@ def _pointers(kv) -> list[int]:
             sorted(kv.addressable_shards, key=lambda s: s.device.id)]
 
 
-def _serve(model, params, mesh):
+def _serve(model, params, mesh, **ecfg):
     """Greedy tokens of every prompt, and what the pool looked like along the way."""
     eng = Engine(model, params, CACHE, EngineConfig(chunk=16, max_prefill_requests=3,
-                                                    backend="reference", mesh=mesh))
-    if mesh is not None and mesh.size == 2:
+                                                    backend="reference", mesh=mesh, **ecfg))
+    if mesh is not None and mesh.size == 2 and not ecfg:
         eng.warmup()   # every step program, on scratch state, before serving
     before = _pointers(eng.kv)
     shardings, pointers = set(), set()
@@ -65,6 +65,7 @@ def _serve(model, params, mesh):
             "pool_specs": sorted(shardings),
             "pointers_kept": pointers == {tuple(before)},
             "local_pool_shape": list(eng.kv.addressable_shards[0].data.shape),
+            "multi_steps": eng.stats.multi_steps,
             "idle": eng.check_idle()}
 
 
@@ -180,6 +181,7 @@ def main():
         res[f"tp{n}"] = _serve(model, sp, mesh)
         if n == 2:
             res["hlo_tp2"] = _hlo_collectives(model, sp, mesh)
+            res["tp2_multi_step"] = _serve(model, sp, mesh, decode_steps=3)
     res["errors"] = _errors()
     res["flashinfer_torch"] = _flashinfer_mechanics()
     json.dump(res, sys.stdout)
