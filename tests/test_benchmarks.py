@@ -28,9 +28,22 @@ def test_serve_bench_decode_runs_on_a_tiny_shape(tmp_path):
     for row in rows:
         assert row["shape"] == "tiny" and row["batch"] == 4
         assert row["served_ms"] > 0 and row["device_bound_ms"] > 0 and row["hbm_floor_ms"] > 0
-    # the plot of the same rows
-    png = tmp_path / "decode.png"
+    _plot(src, tmp_path / "decode.png")
+
+
+def _plot(src, png):
+    """benchmarks/plot_serving.py on serve_bench's JSON (needs the `bench` extra: matplotlib)."""
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra (matplotlib)")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_serving.py"), str(png),
                           str(src)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_serving_draws_the_h200_runs(tmp_path):
+    """The plot of the committed H200 decode rows (engine, torch eager / graph, HBM floor)."""
+    rows = sorted((ROOT / "benchmarks" / "results").glob("serve_runI_decode*_h200.json"))
+    if not rows:
+        pytest.skip("no committed serving results in this tree")
+    for src in rows:
+        _plot(src, tmp_path / (src.stem + ".png"))
