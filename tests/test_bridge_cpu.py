@@ -754,3 +754,70 @@ def test_ffi_program_is_the_flashinfer_argument_list():
             .float_(0.5).float_(0.5).float_(1e-4).int_(0))
     for k in ("prog", "iconst", "fconst"):
         np.testing.assert_array_equal(got.attrs(3)[k], want.attrs(3)[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# static plans' FFI programs (bridge/ffi.py): what XLA may capture reads nothing decided at run time
+
+
+def _fake_slot(kind, decode_kernel="tensor_core", batch_size=4, num_rows=16):
+    """A slot with the state `fi_provider`'s argument lists read (permanent buffers as torch CPU
+    tensors): enough to compile the shim's programs without FlashInfer."""
+    key = ops.PlanKey(kind=kind, batch_size=batch_size, num_rows=num_rows, num_qo_heads=8,
+                      num_kv_heads=2, head_dim=64, page_size=16, kv_layout="NHD",
+                      q_dtype="float16", kv_dtype="float16", causal=kind != "decode",
+                      decode_kernel=decode_kernel, batch_size_p=2 if kind == "batch_pod" else 0,
+                      ffi=True)
+    u8 = lambda n: torch.zeros(n, dtype=torch.uint8)  # noqa: E731
+    st = type("State", (), {})()
+    st.layout, st.pdl = 0, False
+    st.float_ws, st.float_ws_p, st.float_ws_d = u8(64), u8(32), u8(32)
+    st.alibi = torch.zeros(8, dtype=torch.float32)
+    st.arange_qo = torch.arange(batch_size + 1, dtype=torch.int32)
+    st.sm_aware_sched = torch.zeros(10, dtype=torch.int32)
+    slot = type("Slot", (), {})()
+    slot.key, slot.state, slot.id = key, st, 7
+    return slot
+
+
+_RP = ops.RunParams(sm_scale=0.125, rope_scale=1.0, rope_theta=1e4, return_lse=False)
+
+
+@pytest.mark.parametrize("kind,kernel", [("decode", "tensor_core"), ("decode", "cuda_core"),
+                                         ("prefill", "tensor_core")])
+def test_static_plan_programs_are_capturable_and_queued_ones_are_not(kind, kernel):
+    slot = _fake_slot(kind, kernel)
+    args = fi_provider.run_args(slot, _RP)
+    inputs = {fi_provider.Q: 0, fi_provider.INDPTR: 2, fi_provider.INDICES: 3, fi_provider.LPL: 4,
+              fi_provider.QO_INDPTR: 5}
+    info = (66, 4, 0, 16, 0, 272, 544, 816, 1088, 1120, 0, 0, 1136, 1, 1)
+    static = ffi.program(slot, args, inputs, 7, 1, (32, 96), kv_input=1,
+                         static_plan={fi_provider.PLAN_INFO: info, fi_provider.INT_WS: 6})
+    queued = ffi.program(slot, args, inputs, 7, 1, (32, 96), kv_input=1)
+    assert static.capturable and not queued.capturable
+    ops_static = static.prog[3::2]
+    assert ffi.PLAN not in ops_static and ffi.PLAN_WS not in ops_static
+    # plan_info is in the program as (count, values...); the int workspace is input 6
+    i = ops_static.index(ffi.PLAN_CONST)
+    at = static.prog[3 + 2 * i + 1]
+    assert static.iconst[at] == len(info) and tuple(static.iconst[at + 1:at + 1 + len(info)]) == info
+    assert [ffi.IN, 6] == static.prog[3 + 2 * (i - 1):3 + 2 * i]   # INT_WS just before PLAN_INFO
+
+
+def test_static_batch_pod_program_maps_both_halves():
+    slot = _fake_slot("batch_pod")
+    fp = fi_provider
+    info_d, info_p = (66,) + (0,) * 14, (70,) + (1,) * 14
+    inputs = {fp.Q_P: 0, fp.QO_INDPTR_P: 1, fp.INDPTR_P: 2, fp.INDICES_P: 3, fp.LPL_P: 4,
+              fp.Q_D: 5, fp.INDPTR: 6, fp.INDICES: 7, fp.LPL: 8}
+    p = ffi.program(slot, fp.batch_pod_args(slot, _RP), inputs, 12, 2, None, kv_input=9,
+                    static_plan={fp.PLAN_INFO: info_d, fp.INT_WS: 10, fp.PLAN_INFO_P: info_p,
+                                 fp.INT_WS_P: 11},
+                    outputs={fp.OUT_P: 0, fp.OUT_D: 1, fp.LSE_P: 2, fp.LSE_D: 3})
+    assert p.capturable
+    pairs = list(zip(p.prog[3::2], p.prog[4::2]))
+    assert pairs.count((ffi.IN, 10)) == 1 and pairs.count((ffi.IN, 11)) == 1
+    assert pairs.count((ffi.OUT, 0)) == 1 and pairs.count((ffi.OUT, 1)) == 1
+    consts = [tuple(p.iconst[x + 1:x + 1 + p.iconst[x]]) for op, x in pairs if op == ffi.PLAN_CONST]
+    assert consts == [info_p, info_d]        # prefill half first, as FlashInfer's argument list
+    assert [op for op, _ in pairs].count(ffi.NONE) >= 2    # no LSE outputs asked: None passed
