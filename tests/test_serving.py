@@ -248,3 +248,25 @@ def test_readme_serving_snippet_runs():
     exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - our own README
     assert ns["h"].done and len(ns["h"].tokens) == 8
     assert [len(o) for o in ns["outs"]] == [4, 4]
+
+
+def test_releases_wait_while_nothing_waits_and_come_promptly_when_something_does():
+    """With the prefix cache a release reads the device back (a sync). While no request waits,
+    finished requests keep their slots until the last running one is done (one release call, not
+    one per request); a waiting request gets a finished one's slot at once. Tokens unchanged."""
+    prompts = _prompts(13, 5)
+    gens = [2, 5, 8, 11, 3]
+    eng = _engine()
+    calls = []
+    release = eng.pc.release
+    eng.pc.release = lambda state, slots, **kw: calls.append(int(np.sum(np.asarray(slots) >= 0))) \
+        or release(state, slots, **kw)
+    outs = eng.generate(prompts[:4], [SamplingParams(max_new_tokens=n) for n in gens[:4]])
+    assert calls == [4], calls                    # 4 slots, nothing waiting: one batch at the end
+    assert [list(o) for o in outs] == [_reference(p, n) for p, n in zip(prompts, gens)][:4]
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+    calls.clear()
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in gens])  # 5 > 4 slots
+    assert len(calls) >= 2 and calls[0] == 1, calls   # the first to finish frees a slot at once
+    assert [list(o) for o in outs] == [_reference(p, n) for p, n in zip(prompts, gens)]
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}

@@ -355,7 +355,8 @@ class Engine:
 
     def cancel(self, handle: RequestHandle | int) -> None:
         """Stop a request now: it generates nothing more, and its slot and pages are freed at the
-        next step. Cancelling a finished request does nothing."""
+        next step (with the prefix cache, once a waiting request needs them or the engine runs
+        out of work: see `_events`). Cancelling a finished request does nothing."""
         rid = handle.id if isinstance(handle, RequestHandle) else int(handle)
         for r in self._waiting:
             if r.id == rid:
@@ -513,7 +514,11 @@ class Engine:
         # still arrive through the pending steps)
         done = [r for r in self._running.values() if not r.released and (
             r.finished or (r.prompt_done and r.n_sched >= r.sampling.max_new_tokens))]
-        if done:
+        # With the prefix cache a release reads the device back (a sync that drains the step in
+        # flight). While no request waits for a slot or pages, nothing needs them: release in
+        # one batch when one does, or when no running request has work left.
+        if done and (self.pc is None or self._waiting or len(done) == len(
+                [r for r in self._running.values() if not r.released])):
             self._release_slots(done)
         for r in [r for r in self._running.values() if r.released]:
             del self._running[r.slot]
