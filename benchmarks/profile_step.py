@@ -15,8 +15,8 @@ import gzip
 import io
 import json
 import os
-import runpy
 import pstats
+import runpy
 import sys
 import tempfile
 import time

@@ -24,11 +24,10 @@ Writes `serve_<section>_<gpu>.json` under --out and prints tables.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import runpy
 import re
+import runpy
 import statistics
 import subprocess
 import sys
@@ -47,10 +46,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
-from seqattn_jax import attention  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, init_params  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
-from seqattn_jax.serving import engine as engine_mod  # noqa: E402
 from seqattn_jax.serving.step import (StepKind, fold_host_plan, pack_inputs,  # noqa: E402
                                       step_inputs_spec)
 
@@ -104,13 +101,12 @@ def _fill(eng: Engine, batch: int, ctx: int, max_new: int, seed=0):
 
 
 def device_bound_loop(eng: Engine, steps: int = 1):
-    """`run(n)`: the engine's decode step program (K = `steps` decode steps per program)
-    dispatched n times back to back for every running request (host plans per dispatch, tokens fed
-    back on the device, nothing read until the end); returns after the n-th finished and checks
-    its allocation and plan flags."""
+    """`run(n)`: the engine's decode step program (K = `steps` decode steps per program; the
+    engine's own program, tensor parallel included) dispatched n times back to back for every
+    running request (host plans per dispatch, tokens fed back on the device, nothing read until the
+    end); returns the pool after the n-th finished and checks its allocation and plan flags."""
     kind = StepKind("decode", greedy_only=True, host_plan=True, steps=steps)
-    fn = engine_mod._jitted_step(eng.model, eng.cache, kind, eng.B, eng.Bp, eng.config.chunk,
-                                 eng.backend)
+    fn = eng._step_fn(kind, eng.config.chunk)
     while eng._pending:
         eng._receive(eng._pending.popleft())
     slots = sorted(eng._running)
@@ -121,26 +117,51 @@ def device_bound_loop(eng: Engine, steps: int = 1):
     inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
     if steps > 1:
         inp["d_n"] = np.where(d_ids >= 0, steps, 0).astype(np.int32)
-    inp = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
+    flat_inp = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
     bufs = [eng.kv, eng.state, eng.last_tok]
     eng.kv = eng.state = eng.last_tok = None    # donated from here on
 
     def plan():
         lens[:len(slots)] += 1
-        return attention.host_plan_decode(eng.cache, lens, eng.model.num_heads,
-                                          options=eng.options, q_dtype=eng.cache.jnp_dtype,
-                                          backend=eng.backend)
+        return eng._host_plan("decode", inp, lens, eng.config.chunk)
 
     def run(n):
         out = None
         for _ in range(n):
             hp = tuple(plan() for _ in range(steps))
-            flat, hp = fold_host_plan(inp, hp[0] if steps == 1 else hp)
+            flat, hp = fold_host_plan(flat_inp, hp[0] if steps == 1 else hp)
             *bufs[:], out = fn(eng.params, *bufs, flat, hp)
         jax.block_until_ready(bufs[2])
         assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
+        return bufs[0]
 
     return run
+
+
+def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1) -> tuple[float, float, object]:
+    """(served ms, device-bound ms, the pool afterwards) per decode step of an engine whose
+    running requests all decode: served = `Engine.step()` in steady state, sub-steps counted (a
+    multi-step dispatch holds K); device-bound = `device_bound_loop`. Medians of 3 repeats of
+    about `n_steps / 3` steps. The engine cannot serve afterwards (its buffers were donated)."""
+    K, batch = decode_steps, len(eng._running)
+    served = []
+    for _ in range(3):
+        jax.block_until_ready(eng.last_tok)
+        rows0 = eng.stats.decode_rows
+        t0 = time.perf_counter()
+        for _ in range(max(1, n_steps // 3 // K)):
+            eng.step()
+        jax.block_until_ready(eng.last_tok)
+        served.append((time.perf_counter() - t0) / ((eng.stats.decode_rows - rows0) / batch))
+    run = device_bound_loop(eng, K)
+    run(1)
+    bound = []
+    for _ in range(3):
+        n = max(1, n_steps // 3 // K)
+        t0 = time.perf_counter()
+        kv = run(n)
+        bound.append((time.perf_counter() - t0) / (n * K))
+    return 1e3 * statistics.median(served), 1e3 * statistics.median(bound), kv
 
 
 def _backend(graphs: bool):
@@ -165,30 +186,11 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
     eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps * K + 64,
                   backend=_backend(graphs), decode_steps=K)
     _fill(eng, batch, ctx, max_new=4 * n_steps * K + 32)
-    # served: Engine.step() in steady state, per decode step (a multi-step dispatch holds K)
-    served = []
-    for _ in range(3):
-        jax.block_until_ready(eng.last_tok)
-        rows0 = eng.stats.decode_rows
-        t0 = time.perf_counter()
-        for _ in range(max(1, n_steps // 3 // K)):
-            eng.step()
-        jax.block_until_ready(eng.last_tok)
-        served.append((time.perf_counter() - t0) / ((eng.stats.decode_rows - rows0) / batch))
-    # device-bound: the same decode program back to back
-    run = device_bound_loop(eng, K)
-    run(1)
-    bound = []
-    for _ in range(3):
-        n = max(1, n_steps // 3 // K)
-        t0 = time.perf_counter()
-        run(n)
-        bound.append((time.perf_counter() - t0) / (n * K))
+    served_ms, bound_ms, _ = time_steps(eng, n_steps, K)
     res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
-               served_ms=1e3 * statistics.median(served),
-               device_bound_ms=1e3 * statistics.median(bound),
+               served_ms=served_ms, device_bound_ms=bound_ms,
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
-    del eng, run
+    del eng
     if torch_too:
         # The baseline runs in this (JAX) process, on the same GPU. A device-side fault in it (an
         # illegal memory access, say) is not silent: it is raised, asynchronously, at the

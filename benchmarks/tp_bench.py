@@ -43,9 +43,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "seqattn_jax",
                             "xla_flags.py"))["use_command_buffers"]()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -54,7 +54,8 @@ import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import sharding  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, param_shapes  # noqa: E402
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
-from seqattn_jax.serving.step import StepKind, pack_inputs, step_inputs_spec  # noqa: E402
+
+import serve_bench  # noqa: E402  (benchmarks/serve_bench.py: the step timing)
 
 CFG_8B = LlamaConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                      head_dim=128, ffn_dim=14336, rope_theta=500000.0, dtype="float16")
@@ -146,50 +147,17 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     for _ in range(3):
         eng.step()
     log(f"  prefill of {batch} x {ctx - 1} tokens: {time.perf_counter() - t0:.1f} s")
-    served = []
-    for _ in range(3):
-        jax.block_until_ready(eng.last_tok)
-        t0 = time.perf_counter()
-        for _ in range(n_steps // 3):
-            eng.step()
-        jax.block_until_ready(eng.last_tok)
-        served.append((time.perf_counter() - t0) / (n_steps // 3))
-    # device-bound: the engine's decode program back to back, a host plan per step
-    kind = StepKind("decode", greedy_only=True, host_plan=True)
-    fn = eng._step_fn(kind, eng.config.chunk)
-    while eng._pending:
-        eng._receive(eng._pending.popleft())
-    slots = sorted(eng._running)
-    d_ids = np.full((eng.B,), -1, np.int32)
-    d_ids[:len(slots)] = slots
-    lens = np.zeros((eng.B,), np.int32)
-    lens[:len(slots)] = [eng._running[s].kv_len for s in slots]
-    inp = dict(d_ids=d_ids, **eng._sampling_arrays([None] * eng.B, [0] * eng.B))
-    flat = pack_inputs(step_inputs_spec(kind, eng.B, eng.Bp, eng.config.chunk), inp)
-    kv, state, last = eng.kv, eng.state, eng.last_tok
-    eng.kv = eng.state = eng.last_tok = None      # donated below
-    bound = []
-    for _ in range(3):
-        jax.block_until_ready(last)
-        t0 = time.perf_counter()
-        for _ in range(n_steps // 3):
-            lens[:len(slots)] += 1
-            hp = eng._host_plan("decode", inp, lens, eng.config.chunk)
-            kv, state, last, out = fn(params, kv, state, last, flat, hp)
-        jax.block_until_ready(last)
-        bound.append((time.perf_counter() - t0) / (n_steps // 3))
-    # the step's last two outputs are its flags (allocation ok, plan ok)
-    assert np.all(np.asarray(out)[-2:] == 1), "device-bound loop: a plan or allocation check failed"
+    # served and device-bound per decode step: the same measurement as serve_bench.py's
+    served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps)
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
-    bound_ms, served_ms = 1e3 * statistics.median(bound), 1e3 * statistics.median(served)
     res = dict(gpus=n, batch=batch, ctx=ctx, served_ms=served_ms, device_bound_ms=bound_ms,
                tok_s_device_bound=batch / bound_ms * 1e3, tok_s_served=batch / served_ms * 1e3,
                hbm_floor_ms_per_gpu=hbm_floor_ms(cfg, batch, ctx, n),
                kv_gb_per_gpu=kv.addressable_shards[0].data.nbytes / 1e9)
     if n > 1:
         res.update(allreduce_cost(mesh, batch, cfg))
-    del eng, kv, state, last, params
+    del eng, kv, params
     return res
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import runpy
 import pathlib
+import runpy
 import sys
 import time
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import runpy
 import pathlib
+import runpy
 import sys
 import time
 
@@ -43,7 +43,6 @@ if __package__ in (None, ""):  # `python examples/serve_hf.py` from a checkout: 
 sys.path.insert(0, str(_HERE))  # examples/decode.py: its XLA compilation counter
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import seqattn_jax as sj  # noqa: E402
 from decode import _COMPILES, _pointer  # noqa: E402
