@@ -18,10 +18,10 @@ after wo and after w_down) timed alone, back to back (`allreduce_us` each, `per_
 the two, `per_step_ms` for 32 layers).
 
 The weights are random (drawn on the devices in their final sharding: an 8B model is not
-materialised on one GPU first); the step's speed does not depend on their values. FlashInfer runs
-as buffer_callbacks on both 1 and 2 GPUs (--transport callback, the default, compares like with
-like: several devices use the callback transport, see bridge/backend.py). The target of issue 13
-is >= 1.6x the one-GPU decode throughput on 2 GPUs at batch 64.
+materialised on one GPU first); the step's speed does not depend on their values. FlashInfer's
+runs are FFI calls on 1 and 2 GPUs (--transport auto, the default: static host plans, XLA command
+buffers) or buffer_callbacks on both (--transport callback), like with like. The target of issue
+13 is >= 1.6x the one-GPU decode throughput on 2 GPUs at batch 64.
 
 Writes `tp_bench_<gpu>.json` under --out and prints a table.
 """
@@ -116,14 +116,16 @@ def _backend(n: int, mesh, transport: str, provider: str):
 
     if n == 1:
         return FlashInferBackend(provider, transport=transport)
-    return FlashInferBackend(provider, transport="callback", devices=mesh.devices.flat)
+    return FlashInferBackend(provider, transport=transport, devices=mesh.devices.flat)
 
 
 def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
-                 transport: str, devices, provider: str = "flashinfer") -> dict:
+                 transport: str, devices, provider: str = "flashinfer",
+                 decode_steps: int = 1) -> dict:
     mesh = sharding.tp_mesh(n, devices=devices)
     params = random_params(cfg, mesh)
-    extra = 4 * n_steps + 64
+    K = decode_steps
+    extra = 4 * n_steps * K + 64
     pages_per_seq = -(-(ctx + extra) // PS) + 1
     cache = sj.CacheConfig(num_pages=batch * pages_per_seq + 64, page_size=PS,
                            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_seqs=batch,
@@ -133,14 +135,14 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     eng = Engine(model, params, cache, EngineConfig(
         chunk=min(2048, batch * ctx), prefix_cache=False,
         backend=_backend(n, mesh, transport, provider),
-        mesh=mesh if n > 1 else None))
+        mesh=mesh if n > 1 else None, decode_steps=K))
     t0 = time.perf_counter()
     eng.warmup()
     log(f"  {n} GPU(s), batch {batch}: warm-up {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     for _ in range(batch):
         eng.submit(rng.integers(0, cfg.vocab_size, size=ctx - 1),
-                   SamplingParams(max_new_tokens=4 * n_steps + 32))
+                   SamplingParams(max_new_tokens=4 * n_steps * K + 32))
     t0 = time.perf_counter()
     while any(not r.prompt_done for r in eng._running.values()) or eng._waiting:
         eng.step()
@@ -148,10 +150,12 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
         eng.step()
     log(f"  prefill of {batch} x {ctx - 1} tokens: {time.perf_counter() - t0:.1f} s")
     # served and device-bound per decode step: the same measurement as serve_bench.py's
-    served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps)
+    served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps, K)
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
-    res = dict(gpus=n, batch=batch, ctx=ctx, served_ms=served_ms, device_bound_ms=bound_ms,
+    res = dict(gpus=n, batch=batch, ctx=ctx, transport=transport, decode_steps=K,
+               served_ms=served_ms,
+               device_bound_ms=bound_ms,
                tok_s_device_bound=batch / bound_ms * 1e3, tok_s_served=batch / served_ms * 1e3,
                hbm_floor_ms_per_gpu=hbm_floor_ms(cfg, batch, ctx, n),
                kv_gb_per_gpu=kv.addressable_shards[0].data.nbytes / 1e9)
@@ -192,8 +196,11 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--ctx", type=int, default=1024, help="tokens per request at the decode steps")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--transport", default="callback", choices=("callback", "auto", "ffi"),
-                    help="the one-GPU run's FlashInfer transport (several GPUs: callback)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="EngineConfig.decode_steps (K decode steps per dispatch)")
+    ap.add_argument("--transport", default="auto", choices=("callback", "auto"),
+                    help="FlashInfer's transport on 1 and N GPUs: auto (FFI calls of static "
+                         "host plans) or callback")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny float16 model on CPU devices with the bridge's torch kernels: "
@@ -215,7 +222,7 @@ def main(argv=None):
             log(f"decode, {'smoke' if args.smoke else '8B'} shape, {n} device(s), batch {batch}, "
                 f"ctx {args.ctx}")
             rows.append(bench_decode(cfg, n, batch, args.ctx, args.steps, args.transport,
-                                     devices, provider))
+                                     devices, provider, args.decode_steps))
             log("  ", json.dumps(rows[-1]))
     log(f"\n{'GPUs':>4} {'batch':>5} {'served ms':>9} {'bound ms':>8} {'tok/s':>8} "
         f"{'floor/GPU ms':>12} {'bound/floor':>11} {'AR/layer us':>11} {'speedup':>7}")

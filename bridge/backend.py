@@ -20,7 +20,10 @@ travels in the `HostPlan` as a step argument, and their runs go to an FFI target
 with XLA's command buffers on (jax's default on GPU) a whole decode step becomes CUDA graphs
 instead of ~15 kernel launches a layer from the host.
 
-Batch POD runs as an FFI call only with a static plan (else as a buffer_callback).
+Batch POD runs as an FFI call only with a static plan (else as a buffer_callback). On several
+devices (tensor parallel) static plans are FFI calls too: the plan is made once (its plan_info and
+schedule depend on the shard's shapes, the same on every device) and every device runs the same
+capturable call with its own workspaces.
 
 Transports: "ffi" (decode and prefill runs as XLA FFI custom calls through `jax-tvm-ffi` and the
 C++ shim: no Python per layer; needs the `jax-tvm-ffi` package and a C++ compiler for the shim's
@@ -94,8 +97,12 @@ class FlashInferBackend:
         backend on (`jax.Device`s or their local ordinals, e.g. `mesh.devices.flat`): every plan
         key gets a slot (modules, workspaces, host-plan queue) on each, every host plan is made
         once per device, and each device's callbacks use their own slot (see ops.py, "Several
-        devices"). With more than one device the runs are buffer_callbacks (the FFI shim keeps
-        one plan per slot id, not per device): transport "ffi" is refused.
+        devices"). With more than one device, runs of static host plans (`cuda_graphs`) are FFI
+        calls as on one device (one schedule for all devices: a static plan depends on shapes
+        only, which are the same on every shard; the shim gives each device its own float
+        workspace, `ffi.alias_peers`); runs of plans made in the step are buffer_callbacks (the
+        shim keeps one published plan per slot id, not per device), so transport "ffi" is
+        refused there: use "auto".
     """
 
     name = "flashinfer"
@@ -179,10 +186,15 @@ class FlashInferBackend:
                     f"decode kernel only has group sizes {CUDA_CORE_GROUP_SIZES}")
         return self.provider.unsupported(kind, options)
 
-    def _ffi(self, kind: str) -> bool:
-        """Whether this kind's runs are XLA FFI calls."""
+    def _several(self) -> bool:
+        return self.devices is not None and len(self.devices) > 1
+
+    def _ffi(self, kind: str, host: bool = False) -> bool:
+        """Whether this kind's runs are XLA FFI calls. On several devices only static host plans'
+        runs are (their calls read nothing published at run time; the shim swaps in each
+        device's own workspaces, `ffi.alias_peers`); plans made in the step run as callbacks."""
         if self.transport == "callback" or kind not in ("decode", "prefill") or \
-                not self.provider.has_ffi or (self.devices is not None and len(self.devices) > 1):
+                not self.provider.has_ffi or (self._several() and not (self.cuda_graphs and host)):
             return False
         if ffi.available():
             return True
@@ -203,7 +215,8 @@ class FlashInferBackend:
             decode_kernel=decode_kernel_for(o.decode_kernel,
                                             meta.num_qo_heads // config.num_kv_heads)
             if meta.kind == "decode" else "tensor_core",
-            batch_size_p=meta.batch_size_p, ffi=self._ffi(meta.kind), plan_id=meta.plan_id)
+            batch_size_p=meta.batch_size_p, ffi=self._ffi(meta.kind, meta.host),
+            plan_id=meta.plan_id)
 
     def _with_key(self, config, meta):
         """`meta` with this backend's PlanKey (cached: host plans ask for it every step)."""
@@ -257,10 +270,10 @@ class FlashInferBackend:
         """Host plans of this kind are static plans (see `cuda_graphs`): decode and prefill plans
         whose runs are FFI calls, and batch POD plans where the FFI path is available (batch POD
         runs as an FFI call only with a static plan)."""
-        if not self.cuda_graphs or (self.devices is not None and len(self.devices) > 1):
+        if not self.cuda_graphs:
             return False
         if meta.kind == "batch_pod":
-            return self._ffi("decode") and self.provider.has_ffi
+            return self._ffi("decode", host=True) and self.provider.has_ffi
         return meta.kind in ("decode", "prefill") and meta.key.ffi
 
     def adopt(self, host_plan, n_expected):

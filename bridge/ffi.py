@@ -74,6 +74,8 @@ class _Shim:
         self.targets: dict[tuple[str, bool], str] = {}  # (platform, capturable) -> target name
         self.fn_ids: dict[int, tuple[int, object]] = {}   # id(func) -> (shim id, func)
         self.plan_set = None               # `seqattn.fi_plan_set`
+        self.raw_alias = None              # `seqattn.fi_raw_alias`
+        self.aliased: set = set()          # (home pointer, device) pairs registered
 
 
 _SHIM = _Shim()
@@ -301,6 +303,44 @@ def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: in
     return p
 
 
+def alias_peers(slot, args_of) -> None:
+    """Several devices (tensor parallel): a program is built once from the home slot's buffers,
+    and XLA runs it, constants included, on every device of the mesh. Register with the shim, for
+    every raw buffer the program names, the same slot's buffer on each peer device (same role,
+    same size), so that a call on device d reads d's own workspace (fi_shim.cpp, RawAlias).
+    `args_of(slot)`: the argument list the program was built from, for any of the key's slots.
+    A no-op on one device."""
+    from . import fi_provider as fp  # noqa: PLC0415
+
+    peers = [s for d, s in slot.peers.items() if d != slot.device]
+    if not peers:
+        return
+    if _SHIM.raw_alias is None:
+        import tvm_ffi  # noqa: PLC0415
+
+        _register()   # the shim is built and loaded
+        _SHIM.raw_alias = tvm_ffi.get_global_func("seqattn.fi_raw_alias")
+
+    def raw(s, a):
+        if a is fp.FLOAT_WS:
+            return s.state.float_ws
+        if isinstance(a, fp.Arg) or a is None or isinstance(a, (bool, int, float)):
+            return None
+        return a
+
+    home = [raw(slot, a) for a in args_of(slot)]
+    for peer in peers:
+        for a, b in zip(home, [raw(peer, a) for a in args_of(peer)], strict=True):
+            if a is None:
+                continue
+            if b is None or a.numel() != b.numel() or a.dtype != b.dtype:
+                raise AssertionError(f"seqattn_jax: plan slot {slot.key} has no matching buffer "
+                                     f"on device {peer.device}")
+            if (a.data_ptr(), peer.device) not in _SHIM.aliased:
+                _SHIM.raw_alias(a.data_ptr(), peer.device, b.data_ptr())
+                _SHIM.aliased.add((a.data_ptr(), peer.device))
+
+
 def _run(slot, rp, operands: tuple, names: tuple, out_like, pages, static_plan=None):
     from . import fi_provider as fp  # noqa: PLC0415
 
@@ -312,6 +352,7 @@ def _run(slot, rp, operands: tuple, names: tuple, out_like, pages, static_plan=N
                                                fp.INT_WS: names.index("schedule")}
     p = program(slot, fp.run_args(slot, rp), inputs, len(operands), n_out, pages,
                 kv_input=names.index("kv"), static_plan=static)
+    alias_peers(slot, lambda s: fp.run_args(s, rp))
     target = _capturable_target(p) if static is not None else _register()
     outs = [jax.ShapeDtypeStruct(out_like.shape, out_like.dtype)]
     if rp.return_lse:
@@ -351,6 +392,7 @@ def batch_pod(slot, rp, schedule, q_p, qo_indptr_p, indptr_p, indices_p, lpl_p, 
                 kv_input=9, static_plan={fp.PLAN_INFO: info_d, fp.INT_WS: 10,
                                          fp.PLAN_INFO_P: info_p, fp.INT_WS_P: 11},
                 outputs={fp.OUT_P: 0, fp.OUT_D: 1, fp.LSE_P: 2, fp.LSE_D: 3})
+    alias_peers(slot, lambda s: fp.batch_pod_args(s, rp))
     outs = [jax.ShapeDtypeStruct(q_p.shape, q_p.dtype), jax.ShapeDtypeStruct(q_d.shape, q_d.dtype)]
     if rp.return_lse:
         outs += [jax.ShapeDtypeStruct(q_p.shape[:2], jnp.float32),

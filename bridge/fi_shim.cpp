@@ -94,6 +94,31 @@ struct NoAlloc {
   void FreeData(DLTensor*) {}
 };
 
+// Several devices (tensor parallel): XLA runs the same program, with the same constants, on every
+// device of a mesh, but a raw buffer's pointer is the home device's. `seqattn.fi_raw_alias`
+// registers, per (home pointer, device), the pointer of that device's own copy (the same plan
+// slot's buffer there); a call substitutes its device's. Set at trace time, never changed.
+std::unordered_map<std::string, int64_t>* Aliases() {
+  static auto* aliases = new std::unordered_map<std::string, int64_t>();
+  return aliases;
+}
+std::mutex* AliasesMu() {
+  static auto* mu = new std::mutex();
+  return mu;
+}
+
+void RawAlias(int64_t ptr, int64_t device_id, int64_t peer_ptr) {
+  std::lock_guard<std::mutex> lock(*AliasesMu());
+  (*Aliases())[std::to_string(ptr) + ":" + std::to_string(device_id)] = peer_ptr;
+}
+
+int64_t AliasOf(int64_t ptr, int32_t device_id) {
+  std::lock_guard<std::mutex> lock(*AliasesMu());
+  if (Aliases()->empty()) return ptr;
+  auto it = Aliases()->find(std::to_string(ptr) + ":" + std::to_string(device_id));
+  return it == Aliases()->end() ? ptr : it->second;
+}
+
 const Tensor& Raw(DLDevice dev, int64_t ptr, int64_t numel, int64_t code) {
   static auto* cache = new std::unordered_map<std::string, Tensor>();
   static auto* mu = new std::mutex();
@@ -187,7 +212,10 @@ void FiCall(PackedArgs args, Any* rv) {
         call.emplace_back(Half(vs, args[n_in + iconst[x]].cast<DLTensor*>(), op == 14,
                                iconst[x + 1], iconst[x + 2]));
         break;
-      case 9: call.emplace_back(Raw(dev, iconst[x], iconst[x + 1], iconst[x + 2])); break;
+      case 9:  // a raw buffer: this device's copy of it (see RawAlias)
+        call.emplace_back(Raw(dev, AliasOf(iconst[x], dev.device_id), iconst[x + 1],
+                              iconst[x + 2]));
+        break;
       case 16: {  // a static plan_info: iconst[x] entries from iconst[x + 1] (graph-mode plans)
         std::vector<int64_t> info;
         for (int64_t j = 0; j < iconst[x]; ++j) info.push_back(iconst[x + 1 + j]);
@@ -212,5 +240,6 @@ void FiCall(PackedArgs args, Any* rv) {
 TVM_FFI_STATIC_INIT_BLOCK() {
   tvm::ffi::reflection::GlobalDef()
       .def_packed("seqattn.fi_call", FiCall)
-      .def("seqattn.fi_plan_set", PlanSet);
+      .def("seqattn.fi_plan_set", PlanSet)
+      .def("seqattn.fi_raw_alias", RawAlias);
 }

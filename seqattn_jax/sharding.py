@@ -37,6 +37,11 @@ itself, with its local buffers, on its own thread (checked on CPU: `buffer_callb
 devices, `FlashInferBackend(devices=mesh.devices.flat)`: it keeps a plan slot (modules,
 workspaces, host-plan queue) per (PlanKey, device), each callback picks its device's slot from
 its buffers' device, and `host_plan_*` plans once per device (each device adopts its own copy).
+Static host plans (`FlashInferBackend(cuda_graphs=True)`, the default) are the exception and the
+fast path: their plan_info and schedule depend only on the shard's shapes, which every device
+shares, so one plan is made on the host, its schedule enters the step replicated, and every
+device runs the same capturable FFI calls (no Python in the step), the shim substituting each
+device's own workspaces (bridge/ffi.py, `alias_peers`).
 """
 
 from __future__ import annotations

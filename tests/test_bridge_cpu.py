@@ -474,6 +474,39 @@ def test_ffi_shim_assembles_views_and_constants():
     assert a[12] == a[0]                       # the published plan's int workspace
 
 
+_KEEP_ALIVE = []   # buffers aliased in the shim: their pointers must never be reused by others
+
+
+def test_ffi_shim_substitutes_each_devices_own_raw_buffer():
+    """Tensor parallel: one program, built from the home device's buffers, runs on every device;
+    a raw buffer aliased for a device (`seqattn.fi_raw_alias`) is replaced by that device's own
+    on calls there, and a buffer with no alias passes unchanged."""
+    pytest.importorskip("jax_tvm_ffi")
+    tvm_ffi = pytest.importorskip("tvm_ffi")
+    try:
+        target = ffi._register("cpu")
+    except Exception as e:  # noqa: BLE001 - no C++ compiler here
+        pytest.skip(f"shim does not build here: {e}")
+    seen = {}
+
+    def fn(*args):
+        seen["ptrs"] = [a.data_ptr() for a in args]
+
+    fn_id = ffi.register_function(tvm_ffi.convert(fn))
+    home, peer, plain = (torch.zeros(32, dtype=torch.uint8) for _ in range(3))
+    _KEEP_ALIVE.extend([home, peer, plain])
+    cpu = jax.devices("cpu")[0]
+    tvm_ffi.get_global_func("seqattn.fi_raw_alias")(home.data_ptr(), cpu.id, peer.data_ptr())
+    tvm_ffi.get_global_func("seqattn.fi_raw_alias")(plain.data_ptr(), cpu.id + 1, home.data_ptr())
+    p = ffi.Program(1, 1).raw(home, ffi.RAW_U8).raw(plain, ffi.RAW_U8)
+    assert p.capturable
+    q = jax.device_put(jnp.ones((3,), jnp.float32), cpu)
+    jax.jit(lambda q: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q, **p.attrs(fn_id)))(q).block_until_ready()
+    # on device cpu.id: home -> peer; plain's alias is for another device: unchanged
+    assert seen["ptrs"] == [peer.data_ptr(), plain.data_ptr()]
+
+
 # ----------------------------------------------------------------------------------------------
 # host plans: planned on the host before the step, adopted inside it (no stream sync)
 

@@ -77,6 +77,10 @@ def test_two_gpus_equal_one_gpu_up_to_near_ties(params, host_plans):
     assert kept, "a device's pool buffer changed: the cache was copied"
     devs = {s.device for s in be.slots}
     assert devs == {sharding.device_ordinal(d) for d in mesh.devices.flat}
+    # static host plans (cuda_graphs, the default) run as FFI calls on both GPUs; plans made in
+    # the step as buffer_callbacks
+    decode_keys = {s.key for s in be.slots if s.key.kind == "decode"}
+    assert decode_keys and all(k.ffi == host_plans for k in decode_keys), decode_keys
 
     same = compared = 0
     ties = []
