@@ -424,6 +424,9 @@ def report(s: Summary, console=None) -> None:
                        f"{c.max_seqs} busy; mixed steps {'on' if e.mixed_steps else 'off'}, host "
                        f"{'one step behind' if e.async_steps else 'in lockstep'}; "
                        f"{st.syncs} prefix-cache syncs, {st.discarded_tokens} tokens discarded")
+    t.add_row("host time", f"{st.events_s:.2f} s scheduling (admission, releases, prefix cache: "
+                           f"its device reads included), {st.dispatch_s:.2f} s dispatching, "
+                           f"{st.receive_s:.2f} s waiting for and handing out tokens")
     t.add_row("KV pages", f"peak {st.peak_pages_in_use} in use (requests + prefix cache) vs "
                           f"{s.padded_dense_pages} for a dense cache padded to the longest request; "
                           f"pool {c.num_pages} x {c.page_size} tokens; {s.pages_in_use_at_end} in use "

@@ -139,6 +139,12 @@ class EngineStats:
     syncs: int = 0                 # host reads of device state outside the lagged tokens
     peak_running: int = 0
     peak_pages_in_use: int = 0
+    # host wall time in each phase of `step` (seconds): scheduling (admission, releases, prefix
+    # cache: includes its device reads), dispatch (inputs, host plans, the jitted call), and
+    # receiving (waiting for and handing out the lagged tokens)
+    events_s: float = 0.0
+    dispatch_s: float = 0.0
+    receive_s: float = 0.0
 
 
 class _Request:
@@ -375,11 +381,18 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration (events, dispatch, lagged read-back). Returns `has_work`."""
+        t0 = time.perf_counter()
         self._events()
+        t1 = time.perf_counter()
         dispatched = self._dispatch()
+        t2 = time.perf_counter()
         lag = 1 if (self.config.async_steps and dispatched) else 0
         while len(self._pending) > lag:
             self._receive(self._pending.popleft())
+        st = self.stats
+        st.events_s += t1 - t0
+        st.dispatch_s += t2 - t1
+        st.receive_s += time.perf_counter() - t2
         if not dispatched and not self._pending and (self._waiting and not self._running):
             r = self._waiting[0]
             raise RuntimeError(f"request {r.id} cannot be admitted into an empty engine "
