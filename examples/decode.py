@@ -423,7 +423,8 @@ def report(s: Summary, console=None) -> None:
                        f"decode rows {st.decode_rows / max(sub, 1):.1f} of "
                        f"{c.max_seqs} busy; mixed steps {'on' if e.mixed_steps else 'off'}, host "
                        f"{'one step behind' if e.async_steps else 'in lockstep'}; "
-                       f"{st.syncs} prefix-cache syncs, {st.discarded_tokens} tokens discarded")
+                       f"{st.mirror_reads} prefix-cache reads of the allocator's CPU mirror (0 of "
+                       f"the device), {st.discarded_tokens} tokens discarded")
     t.add_row("host time", f"{st.events_s:.2f} s scheduling (admission, releases, prefix cache: "
                            f"its device reads included), {st.dispatch_s:.2f} s dispatching, "
                            f"{st.receive_s:.2f} s waiting for and handing out tokens")

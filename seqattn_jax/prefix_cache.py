@@ -285,6 +285,13 @@ class PrefixCache:
         self._clock = 0
         self.stats = PrefixCacheStats()
 
+    def _op(self, fn, state: CacheState, *args):
+        """Every change this class makes to a state without scrubbing: `fn(state, *args)` (a
+        jitted pure function whose first output is the new state; `args` are numpy arrays).
+        The one seam through which a subclass may also apply the change elsewhere, e.g. the
+        serving engine's host mirror (`seqattn_jax.serving.mirror`)."""
+        return fn(state, *args)
+
     # -------------------------------------------------------------- inspection
 
     def __len__(self) -> int:
@@ -436,7 +443,7 @@ class PrefixCache:
         if self.scrub_on_free:
             new, status, kv = _evict_scrub_jit(state, kv, ids)
         else:
-            new, status, _ = _evict_jit(state, ids)
+            new, status, _ = self._op(_evict_jit, state, ids)
         status = np.asarray(status)
         if np.any(status != Status.OK):
             raise RuntimeError(f"PrefixCache.{where}: the cache is out of sync with the state (unref of "
@@ -535,7 +542,7 @@ class PrefixCache:
         if self.scrub_on_free:
             new, status, ev_status, kv = _admit_scrub_jit(state, kv, *args)
         else:
-            new, status, ev_status, _ = _admit_jit(state, *args)
+            new, status, ev_status, _ = self._op(_admit_jit, state, *args)
         status = np.asarray(status)
         if np.any(np.asarray(ev_status) != Status.OK):
             raise RuntimeError("PrefixCache.admit_batch: the cache is out of sync with the state "
@@ -590,7 +597,7 @@ class PrefixCache:
                       size: int | None = None) -> CacheState:
         if new_nodes:
             ids = _padded([page for _, page, _, _ in new_nodes], size)
-            new, status = _ref_jit(state, ids)
+            new, status = self._op(_ref_jit, state, ids)
             status = np.asarray(status)
             if np.any(status != Status.OK):
                 idx = np.flatnonzero(status[:len(new_nodes)] != Status.OK)
@@ -680,7 +687,7 @@ class PrefixCache:
         if self.scrub_on_free:
             new, status, kv, rows = _release_scrub_jit(state, kv, slots)
         else:
-            new, status, _, rows = _release_jit(state, slots)
+            new, status, _, rows = self._op(_release_jit, state, slots)
         status = np.asarray(status)
         if np.all(status == Status.OK):
             pages = np.asarray(rows)[slots >= 0].reshape(-1)

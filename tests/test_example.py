@@ -72,7 +72,7 @@ def test_example_modes_without_prefix_cache_and_exit_codes(decode, monkeypatch):
     s = decode.run(argv)
     _check_summary(s)
     assert s.prefix_cache is None and s.stats.reused_tokens == 0
-    assert s.stats.steps["mixed"] == 0 and s.stats.syncs == 0
+    assert s.stats.steps["mixed"] == 0 and s.stats.mirror_reads == 0
     # main() exits 0 when the check passes, 1 when it fails.
     monkeypatch.setattr(decode, "run", lambda argv: s)
     assert decode.main(argv) == 0

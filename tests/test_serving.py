@@ -12,6 +12,7 @@ import pytest
 import seqattn_jax as sj
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams, sample_tokens
 from seqattn_jax.serving import engine as engine_mod
+from seqattn_jax.serving.mirror import RecordingPrefixCache, mirror_differences
 from tests.serving_model import TinyModel
 
 MODEL = TinyModel()
@@ -165,15 +166,18 @@ def test_cancelled_requests_free_their_pages():
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
-def _random_workload(n_requests, seed, **cfg):
+def _random_workload(n_requests, seed, check_mirror=False, shared_prefix=False, **cfg):
     rng = np.random.default_rng(seed)
     eng = _engine(**cfg)
+    prefix = rng.integers(0, MODEL.vocab_size, size=10)
     handles = []
     submitted = 0
     while submitted < n_requests or eng.has_work:
         for _ in range(int(rng.integers(0, 4))):
             if submitted < n_requests:
                 p = rng.integers(0, MODEL.vocab_size, size=int(rng.integers(1, 30)))
+                if shared_prefix and rng.random() < 0.5:
+                    p = np.concatenate([prefix, p[:20]])
                 sp = SamplingParams(max_new_tokens=int(rng.integers(1, 12)),
                                     temperature=float(rng.choice([0.0, 0.8])), seed=submitted,
                                     stop_token_ids=(int(rng.integers(0, MODEL.vocab_size)),))
@@ -182,6 +186,8 @@ def _random_workload(n_requests, seed, **cfg):
         if handles and rng.random() < 0.15:
             handles[int(rng.integers(0, len(handles)))].cancel()
         eng.step()
+        if check_mirror:   # the CPU copy equals the device state after every iteration
+            assert mirror_differences(eng.state, eng._host) == []
     for h in handles:
         assert h.done
         assert h.finish_reason == "cancelled" or len(h.tokens) >= 1
@@ -192,6 +198,33 @@ def _random_workload(n_requests, seed, **cfg):
                                  {"decode_steps": 3}])
 def test_random_workload_with_cancellations_leaks_no_page(cfg):
     eng = _random_workload(60, 11, **cfg)
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
+@pytest.mark.parametrize("cfg", [{}, {"decode_steps": 3, "mixed_steps": False}])
+def test_prefix_cache_reads_only_the_cpu_mirror_which_tracks_the_device(cfg):
+    """With the prefix cache, every PrefixCache call gets the allocator's CPU copy (never the
+    device state, whose reads would wait for the steps in flight), and that copy equals the device
+    state after every iteration of a random workload with cancellations."""
+    seen = []
+    orig = {}
+
+    class Spy(RecordingPrefixCache):
+        pass
+
+    for name in ("admit_batch", "insert_slots", "release", "make_room", "evict"):
+        orig[name] = getattr(RecordingPrefixCache, name)
+
+        def spy(self, state, *a, _name=name, **kw):
+            seen.append((_name, state.refcount.devices() == {jax.devices("cpu")[0]}))
+            return orig[_name](self, state, *a, **kw)
+        setattr(Spy, name, spy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_mod, "RecordingPrefixCache", Spy)
+        eng = _random_workload(50, 13, check_mirror=True, shared_prefix=True, **cfg)
+    assert eng.stats.reused_tokens > 0 and {n for n, _ in seen} >= {"admit_batch", "release",
+                                                                      "insert_slots"}
+    assert all(on_cpu for _, on_cpu in seen)
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 

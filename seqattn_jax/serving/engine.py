@@ -24,11 +24,11 @@ What one iteration (`Engine.step`) does, on the host:
 Host mirrors instead of device reads: the host knows every sequence's length (it schedules every
 token), so it plans FlashInfer's decode on the host (`host_plan_decode`) and counts free pages
 itself (admission takes the prompt's pages, a decode step takes a page when a sequence crosses a
-page boundary, a release gives them back). Without the prefix cache no iteration reads the device
-except the lagged tokens. The prefix cache's index needs page ids and reference counts from the
-device: its events (admission with sharing, indexing a finished prompt, release) re-read the
-reference counts, which waits for the dispatched steps (documented cost; steady-state decode
-steps have no such event).
+page boundary, a release gives them back). The prefix cache's index needs page ids and reference
+counts: it reads them from a copy of the allocator state on the CPU, kept equal to the device's
+by applying every change to both (serving/mirror.py: the same jitted functions on the CPU; the
+prefix cache's changes are recorded and replayed on the device). So no iteration reads the device
+except the lagged tokens, with or without the prefix cache.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from seqattn_jax import attention
 from seqattn_jax.backend import BACKENDS, default_backend
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.kv import init_kv
-from seqattn_jax.prefix_cache import PrefixCache
+from seqattn_jax.serving.mirror import (RecordingPrefixCache, mirror_decode, mirror_differences,
+                                        to_host)
 from seqattn_jax.serving.model import ServingModel
 from seqattn_jax.serving.sampling import SamplingParams
 from seqattn_jax.serving.step import (StepKind, build_step, fold_host_plan, num_out_rows,
@@ -136,7 +137,8 @@ class EngineStats:
     discarded_tokens: int = 0      # computed after a stop token, dropped
     decode_rows: int = 0           # sum of decode batch occupancy (over every decode sub-step)
     multi_steps: int = 0           # multi-step decode dispatches (EngineConfig.decode_steps > 1)
-    syncs: int = 0                 # host reads of device state outside the lagged tokens
+    mirror_reads: int = 0          # prefix cache: reads of the allocator's CPU mirror (never the
+                                   # device: serving/mirror.py)
     peak_running: int = 0
     peak_pages_in_use: int = 0
     # host wall time in each phase of `step` (seconds): scheduling (admission, releases, prefix
@@ -305,7 +307,9 @@ class Engine:
                                  f"out with seqattn_jax.sharding.shard_llama)")
             self.kv = self.tp.init_kv(cache)
             self.state, self.last_tok = self.tp.replicate((self.state, self.last_tok))
-        self.pc = PrefixCache(cache) if config.prefix_cache else None
+        # the prefix cache runs on a CPU copy of the allocator state (no GPU reads, see mirror.py)
+        self.pc = RecordingPrefixCache(cache) if config.prefix_cache else None
+        self._host = to_host(init_state(cache)) if self.pc is not None else None
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -314,7 +318,7 @@ class Engine:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._checks: list = []                          # device ok flags of async ops, checked lazily
         self._free = cache.num_pages                      # host mirror: free pages
-        self._rc: np.ndarray | None = None               # prefix cache: refcounts at the last sync
+        self._rc: np.ndarray | None = None               # prefix cache: the mirror's refcounts
         self._alloc = jax.jit(lambda s, ids, lens: allocate(s, ids, lens), donate_argnums=(0,))
         self._release = jax.jit(lambda s, ids: release(s, ids), donate_argnums=(0,))
 
@@ -467,12 +471,17 @@ class Engine:
         # the allocator / prefix-cache programs of admission, indexing and release (fixed shapes)
         prompt = np.zeros((min(cfg.page_size + 1, cfg.max_seq_len),), np.int32)
         slots, empty = self._pad([0]), [np.zeros((0,), np.int32)] * (self.B - 1)
-        if self.pc is not None:
-            pc = PrefixCache(cfg)
-            st = pc.admit_batch(init_state(cfg), slots, [prompt] + [prompt[:1]] * (self.B - 1)).state
+        if self.pc is not None:   # on the CPU mirror, replayed on the device (mirror.py)
+            pc, dev = RecordingPrefixCache(cfg), self.state
+            st = pc.admit_batch(to_host(init_state(cfg)), slots,
+                                [prompt] + [prompt[:1]] * (self.B - 1)).state
             st = pc.insert_slots(st, slots, [prompt] + empty)
+            st = mirror_decode(st, slots, None, 1)
+            if K > 1:
+                st = mirror_decode(st, slots, self._pad([K], 0), K)
             st, _, _ = pc.release(st, slots)
             pc.make_room(st, cfg.num_pages)
+            pc.replay(jax.tree_util.tree_map(jnp.copy, dev))
         else:
             st, _ = self._alloc(init_state(cfg), slots, self._pad([len(prompt)], 0))
             self._release(st, slots)
@@ -493,10 +502,15 @@ class Engine:
                    for r in self._running.values() if not r.released and not r.finished)
 
     def _sync_rc(self) -> None:
-        """Prefix cache: re-read the reference counts (waits for every dispatched step)."""
-        self._rc = np.asarray(self.state.refcount)
+        """Prefix cache: re-read the reference counts from the CPU mirror (waits for nothing on
+        the device)."""
+        self._rc = np.asarray(self._host.refcount)
         self._free = int(np.sum(self._rc == 0))
-        self.stats.syncs += 1
+        self.stats.mirror_reads += 1
+
+    def _replay(self) -> None:
+        """Apply the prefix cache's recorded changes of the CPU mirror to the device state."""
+        self.state = self.pc.replay(self.state)
 
     def _evictable(self) -> np.ndarray:
         return self.pc.cached_mask & (self._rc == 1)
@@ -508,7 +522,12 @@ class Engine:
             raise RuntimeError("check_idle: requests are still running")
         self._flush_checks()
         if self.pc is not None:
-            self.state = self.pc.evict(self.state).state
+            self._host = self.pc.evict(self._host).state
+            self._replay()
+            diff = mirror_differences(self.state, self._host)
+            if diff:
+                raise RuntimeError(f"check_idle: the allocator state's CPU mirror differs from the "
+                                   f"device state in {diff} (a bug: please report it)")
         rc = np.asarray(self.state.refcount)
         return {"pages_in_use": int(np.sum(rc != 0)),
                 "active_slots": int(np.sum(np.asarray(self.state.active)))}
@@ -527,8 +546,8 @@ class Engine:
         # still arrive through the pending steps)
         done = [r for r in self._running.values() if not r.released and (
             r.finished or (r.prompt_done and r.n_sched >= r.sampling.max_new_tokens))]
-        # With the prefix cache a release reads the device back (a sync that drains the step in
-        # flight). While no request waits for a slot or pages, nothing needs them: release in
+        # With the prefix cache a release is a host call (on the CPU mirror, replayed on the
+        # device). While no request waits for a slot or pages, nothing needs them: release in
         # one batch when one does, or when no running request has work left.
         if done and (self.pc is None or self._waiting or len(done) == len(
                 [r for r in self._running.values() if not r.released])):
@@ -541,9 +560,10 @@ class Engine:
             fresh = [r for r in self._running.values()
                      if r.prompt_done and not r.indexed and not r.released]
             if fresh:
-                self.state = self.pc.insert_slots(
-                    self.state, self._pad([r.slot for r in fresh]),
+                self._host = self.pc.insert_slots(
+                    self._host, self._pad([r.slot for r in fresh]),
                     [r.prompt for r in fresh] + [np.zeros((0,), np.int32)] * (self.B - len(fresh)))
+                self._replay()
                 for r in fresh:
                     r.indexed = True
                 self._rc = None
@@ -576,7 +596,8 @@ class Engine:
             # decode steps must never wait for an eviction: keep every owed page free
             owed = self._owed()
             if self._free < owed:
-                self.state = self.pc.make_room(self.state, owed).state
+                self._host = self.pc.make_room(self._host, owed).state
+                self._replay()
                 self._sync_rc()
 
     def _pad(self, values, fill=-1) -> np.ndarray:
@@ -596,13 +617,14 @@ class Engine:
             self._free -= sum(self.cache.pages_for(n) for n in lens)
             cached = [0] * len(reqs)
         else:
-            adm = self.pc.admit_batch(self.state, self._pad(slots),
+            adm = self.pc.admit_batch(self._host, self._pad(slots),
                                       [r.prompt for r in reqs] + [np.zeros((1,), np.int32)] *
                                       (self.B - len(reqs)))
             if not adm.ok:
                 raise RuntimeError(f"admission refused (status {adm.status[:len(reqs)].tolist()}): "
                                    "a scheduler bug, pages are checked before admission")
-            self.state = adm.state
+            self._host = adm.state
+            self._replay()
             cached = [int(c) for c in adm.num_cached[:len(reqs)]]
             self._sync_rc()
         for r, c in zip(reqs, cached):
@@ -618,7 +640,8 @@ class Engine:
             self._checks.append(("release", status))
             self._free += sum(self.cache.pages_for(self._held(r)) for r in reqs)
         else:
-            self.state, status, _ = self.pc.release(self.state, slots)
+            self._host, status, _ = self.pc.release(self._host, slots)
+            self._replay()
             if not np.all(status == Status.OK):
                 raise RuntimeError(f"release of slots {[r.slot for r in reqs]} refused")
             self._sync_rc()
@@ -752,6 +775,8 @@ class Engine:
                 self.backend.discard_host_plans()
             raise
         self.stats.multi_steps += steps > 1
+        if self.pc is not None and decode:   # the step's decode allocations, on the mirror
+            self._host = mirror_decode(self._host, d_ids, d_n if steps > 1 else None, steps)
         # start the read-back now: enqueued behind this step only, so reading it after the next
         # step is dispatched does not wait for that step too (the GPU would idle meanwhile)
         out.copy_to_host_async()

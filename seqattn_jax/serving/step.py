@@ -28,6 +28,7 @@ from seqattn_jax import attention
 from seqattn_jax.config import CacheConfig
 from seqattn_jax.options import AttentionOptions
 from seqattn_jax.packing import PackedBatch, pack_for_flashinfer
+from seqattn_jax.serving.mirror import decode_sub_step_ids
 from seqattn_jax.serving.sampling import sample_tokens
 from seqattn_jax.state import allocate_decoding
 from seqattn_jax.validation import ok
@@ -284,8 +285,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
         ok_alloc = plan_ok = jnp.asarray(True)
         drop, toks_all = cache.max_seqs, []
         for j in range(kind.steps):
-            d_ids = jnp.where(j < inp["d_n"], inp["d_ids"], -1)
-            state, status = allocate_decoding(state, d_ids)
+            d_ids = decode_sub_step_ids(inp["d_ids"], inp["d_n"], j, kind.steps)
+            state, status = allocate_decoding(state, d_ids)   # mirrored: serving/mirror.py
             ok_j = ok(status)
             ok_alloc = ok_alloc & ok_j
             d_ids = jnp.where(ok_j, d_ids, -1)
