@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pages in the KV pool; default: enough for the --batch longest requests "
                         "(prompt + --max-new-tokens) at once")
     g.add_argument("--no-prefix-cache", action="store_true", help="turn off the automatic prefix cache")
+    g.add_argument("--no-mixed", action="store_true",
+                   help="run prefill chunks and decode rows as separate steps, not one batch-POD "
+                        "step (saves compiling FlashInfer's batch-POD kernel, ~2 min on first use)")
     g.add_argument("--quiet", action="store_true",
                    help="no streamed text and no table (the summary line only)")
     return p
@@ -243,7 +246,8 @@ def run(argv=None, *, out=None) -> Result:
                            head_dim=mcfg.head_dim, max_seqs=a.batch, max_pages_per_seq=per_seq,
                            num_layers=mcfg.num_layers, dtype=mcfg.dtype)
     model = LlamaModel(mcfg)
-    ecfg = EngineConfig(chunk=a.chunk, prefix_cache=not a.no_prefix_cache, backend=a.backend)
+    ecfg = EngineConfig(chunk=a.chunk, prefix_cache=not a.no_prefix_cache, backend=a.backend,
+                        mixed_steps=not a.no_mixed)
     engine = Engine(model, params, cache, ecfg)
 
     n0 = len(_COMPILES)
