@@ -425,8 +425,8 @@ def report(s: Summary, console=None) -> None:
                        f"{'one step behind' if e.async_steps else 'in lockstep'}; "
                        f"{st.mirror_reads} prefix-cache reads of the allocator's CPU mirror (0 of "
                        f"the device), {st.discarded_tokens} tokens discarded")
-    t.add_row("host time", f"{st.events_s:.2f} s scheduling (admission, releases, prefix cache: "
-                           f"its device reads included), {st.dispatch_s:.2f} s dispatching, "
+    t.add_row("host time", f"{st.events_s:.2f} s scheduling (admission, releases, the prefix "
+                           f"cache on the allocator's CPU mirror), {st.dispatch_s:.2f} s dispatching, "
                            f"{st.receive_s:.2f} s waiting for and handing out tokens")
     t.add_row("KV pages", f"peak {st.peak_pages_in_use} in use (requests + prefix cache) vs "
                           f"{s.padded_dense_pages} for a dense cache padded to the longest request; "

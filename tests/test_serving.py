@@ -86,6 +86,21 @@ def test_each_step_program_compiles_once():
     assert mine and max(mine.values()) == 1, mine
 
 
+@pytest.mark.parametrize("mixed", [True, False])
+def test_warmup_compiles_what_serving_runs_and_nothing_else(mixed):
+    """warmup() traces each program the config can run; without mixed steps no mixed program
+    (FlashInfer would otherwise build its batch-POD kernel for nothing); serving then traces
+    nothing new."""
+    C = 10 if mixed else 14   # a chunk no other test uses: these programs are this test's own
+    eng = _engine(mixed_steps=mixed, chunk=C, chunk_buckets=(C,))
+    eng.warmup()
+    kinds = {k[2].kind for k in engine_mod.STEP_TRACES if k[0] is MODEL and k[5] == C}
+    assert kinds == ({"prefill", "decode", "mixed"} if mixed else {"prefill", "decode"})
+    before = dict(engine_mod.STEP_TRACES)
+    eng.generate(_prompts(4, 6), SamplingParams(max_new_tokens=4))
+    assert dict(engine_mod.STEP_TRACES) == before
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch():
     sp = SamplingParams(max_new_tokens=8, temperature=3.0, top_k=40, top_p=0.98, seed=1234)
     prompt = _prompts(4, 1)[0]

@@ -420,9 +420,9 @@ class Engine:
         return [h.result() for h in handles]
 
     def warmup(self, *, sampled: bool = False) -> float:
-        """Compile every step program serving can run (each prefill bucket as a prefill step and as
-        a mixed step, the decode step; `sampled` adds the non-greedy variants), so that serving
-        compiles nothing. Runs each once on a scratch allocator state with two throwaway
+        """Compile every step program serving can run (each prefill bucket as a prefill step and,
+        with `mixed_steps`, as a mixed step, the decode step; `sampled` adds the non-greedy
+        variants), so that serving compiles nothing. Runs each once on a scratch allocator state with two throwaway
         sequences; call it before submitting requests (their K/V land in pages that are free
         then, which attention never reads). Returns seconds."""
         if self.has_work:
@@ -431,7 +431,8 @@ class Engine:
         cfg, C = self.cache, self.config.chunk_buckets
         n_p = max(1, min(C[-1], cfg.max_seq_len - 2))
         K = self.config.decode_steps
-        programs = [(k, c, 1) for k in ("prefill", "mixed") for c in C] + [("decode", C[-1], 1)]
+        kinds = ("prefill", "mixed") if self.config.mixed_steps else ("prefill",)
+        programs = [(k, c, 1) for k in kinds for c in C] + [("decode", C[-1], 1)]
         if K > 1:
             programs.append(("decode", C[-1], K))
         for greedy in ((True, False) if sampled else (True,)):
