@@ -431,13 +431,19 @@ def test_decode_kernel_choice():
 # the XLA FFI shim (jax-tvm-ffi), CPU build with a Python target
 
 
-def test_ffi_shim_assembles_views_and_constants():
+@pytest.fixture
+def cpu_shim():
+    """(tvm_ffi, the shim's CPU FFI target); skipped without jax-tvm-ffi or a C++ compiler."""
     pytest.importorskip("jax_tvm_ffi")
     tvm_ffi = pytest.importorskip("tvm_ffi")
     try:
-        target = ffi._register("cpu")
+        return tvm_ffi, ffi._register("cpu")
     except Exception as e:  # noqa: BLE001 - no C++ compiler here
         pytest.skip(f"shim does not build here: {e}")
+
+
+def test_ffi_shim_assembles_views_and_constants(cpu_shim):
+    tvm_ffi, target = cpu_shim
     seen = {}
 
     def fn(*args):
@@ -477,16 +483,11 @@ def test_ffi_shim_assembles_views_and_constants():
 _KEEP_ALIVE = []   # buffers aliased in the shim: their pointers must never be reused by others
 
 
-def test_ffi_shim_substitutes_each_devices_own_raw_buffer():
+def test_ffi_shim_substitutes_each_devices_own_raw_buffer(cpu_shim):
     """Tensor parallel: one program, built from the home device's buffers, runs on every device;
     a raw buffer aliased for a device (`seqattn.fi_raw_alias`) is replaced by that device's own
     on calls there, and a buffer with no alias passes unchanged."""
-    pytest.importorskip("jax_tvm_ffi")
-    tvm_ffi = pytest.importorskip("tvm_ffi")
-    try:
-        target = ffi._register("cpu")
-    except Exception as e:  # noqa: BLE001 - no C++ compiler here
-        pytest.skip(f"shim does not build here: {e}")
+    tvm_ffi, target = cpu_shim
     seen = {}
 
     def fn(*args):

@@ -730,25 +730,30 @@ class Engine:
         host_plan = None
         if decode:
             off = Bp if prefill else 0
+            nd, ps = len(decode), cfg.page_size
+            # sub-steps each row runs (multi-step decode: none past its max_new_tokens)
+            ns = [min(steps, r.sampling.max_new_tokens - r.n_sched) for r in decode]
+            kv0 = np.fromiter((r.kv_len for r in decode), np.int64, nd)
             d_ids = np.full((B,), -1, np.int32)
-            d_n = np.zeros((B,), np.int32)     # sub-steps each row runs (multi-step decode)
+            d_ids[:nd] = [r.slot for r in decode]
+            d_n = np.zeros((B,), np.int32)
+            d_n[:nd] = ns
+            # KV length after sub-step j (0 for rows that sit it out): the host plans' lengths
+            j = np.arange(steps)[:, None]
             lens = np.zeros((steps, B), np.int32)
-            d_samplers: list[SamplingParams | None] = [None] * B
-            d_counters = [0] * B
-            for i, r in enumerate(decode):
-                d_ids[i] = r.slot
-                d_n[i] = n = min(steps, r.sampling.max_new_tokens - r.n_sched)
-                d_samplers[i] = r.sampling
-                d_counters[i] = r.n_sched
-                for j in range(n):
-                    if r.kv_len % cfg.page_size == 0:
-                        self._free -= 1      # the sub-step's allocate_decoding takes a new page
-                    r.kv_len += 1
-                    lens[j, i] = r.kv_len
+            lens[:, :nd] = np.where(j < d_n[:nd], kv0 + j + 1, 0)
+            # a sub-step's allocate_decoding takes a page where the KV length before it is a
+            # multiple of the page size: count those in [kv0, kv0 + n - 1]
+            self._free -= int(np.sum((kv0 + d_n[:nd] - 1) // ps - (kv0 - 1) // ps))
+            d_samplers: list[SamplingParams | None] = [r.sampling for r in decode] + \
+                [None] * (B - nd)
+            d_counters = [r.n_sched for r in decode] + [0] * (B - nd)
+            for r, n in zip(decode, ns):
+                r.kv_len += n
                 r.n_sched += n
             # rows in sub-step order, so each request's tokens arrive in order
             rows += [(off + j * B + i, r) for j in range(steps)
-                     for i, r in enumerate(decode) if j < d_n[i]]
+                     for i, (r, n) in enumerate(zip(decode, ns)) if j < n]
             inp["d_ids"] = d_ids
             if steps > 1:
                 inp["d_n"] = d_n
@@ -825,7 +830,7 @@ class Engine:
 
     def _receive(self, p: _Pending) -> None:
         out = np.asarray(p.out)                 # the one device-to-host read of a step
-        toks, flags = out[:-2], out[-2:]
+        toks, flags = out[:-2].tolist(), out[-2:]
         if not flags[0]:
             raise RuntimeError(f"engine: a {p.kind} step's page allocation was refused (the host's "
                                "page mirror is out of step with the allocator: an engine bug)")
@@ -833,16 +838,20 @@ class Engine:
             raise RuntimeError(f"engine: a {p.kind} step ran with a host plan made for other "
                                "lengths (an engine bug)")
         self._flush_checks()
+        generated = discarded = 0
         for i, r in p.rows:
-            if r.finished:
-                self.stats.discarded_tokens += 1
+            if r.finish_reason is not None:
+                discarded += 1
                 continue
-            t = int(toks[i])
+            t = toks[i]
             r.tokens.append(t)
-            self.stats.generated_tokens += 1
+            generated += 1
             if r.on_token is not None:
                 r.on_token(t)
-            if t in r.sampling.stop_token_ids:
+            sp = r.sampling
+            if t in sp.stop_token_ids:
                 self._finish(r, "stop")
-            elif len(r.tokens) >= r.sampling.max_new_tokens:
+            elif len(r.tokens) >= sp.max_new_tokens:
                 self._finish(r, "length")
+        self.stats.generated_tokens += generated
+        self.stats.discarded_tokens += discarded
