@@ -201,8 +201,11 @@ def _random_workload(n_requests, seed, check_mirror=False, shared_prefix=False, 
         if handles and rng.random() < 0.15:
             handles[int(rng.integers(0, len(handles)))].cancel()
         eng.step()
-        if check_mirror:   # the CPU copy equals the device state after every iteration
-            assert mirror_differences(eng.state, eng._host) == []
+        if check_mirror:   # the host's copies equal the device state after every iteration
+            if eng.pc is not None:
+                assert mirror_differences(eng.state, eng._host) == []
+            else:           # without the prefix cache the host counts free pages itself
+                assert eng.num_free_pages == int(np.sum(np.asarray(eng.state.refcount) == 0))
     for h in handles:
         assert h.done
         assert h.finish_reason == "cancelled" or len(h.tokens) >= 1
@@ -213,6 +216,15 @@ def _random_workload(n_requests, seed, check_mirror=False, shared_prefix=False, 
                                  {"decode_steps": 3}])
 def test_random_workload_with_cancellations_leaks_no_page(cfg):
     eng = _random_workload(60, 11, **cfg)
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_host_free_page_count_tracks_the_device(steps):
+    """Without the prefix cache the host's free-page count (admission, the decode steps' page
+    crossings, releases) equals the device allocator's after every iteration."""
+    eng = _random_workload(40, 14, check_mirror=True, prefix_cache=False, decode_steps=steps)
+    assert eng.stats.multi_steps > 0 or steps == 1
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
