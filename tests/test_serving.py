@@ -255,6 +255,20 @@ def test_prefix_cache_reads_only_the_cpu_mirror_which_tracks_the_device(cfg):
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
+def test_mirror_without_a_cpu_backend_stays_on_the_device_and_exact(monkeypatch):
+    """Where JAX has no CPU backend (JAX_PLATFORMS=cuda) the allocator's copy stays on the
+    state's device: the engine still serves the dense model's tokens and leaks nothing."""
+    from seqattn_jax.serving import mirror as mirror_mod
+
+    monkeypatch.setattr(mirror_mod, "host_device", lambda: None)
+    eng = _engine()
+    prompts, gens = _prompts(15, 6), [3, 7, 2, 9, 4, 6]
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in gens])
+    assert [list(o) for o in outs] == [_reference(p, n) for p, n in zip(prompts, gens)]
+    assert eng.stats.reused_tokens > 0
+    assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False},
                                  {"decode_steps": 4}])

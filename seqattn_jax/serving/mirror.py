@@ -34,13 +34,25 @@ import numpy as np
 from seqattn_jax.prefix_cache import PrefixCache
 from seqattn_jax.state import CacheState, allocate_decoding
 
-__all__ = ["RecordingPrefixCache", "decode_sub_step_ids", "mirror_decode", "mirror_differences",
-           "to_host"]
+__all__ = ["RecordingPrefixCache", "decode_sub_step_ids", "host_device", "mirror_decode",
+           "mirror_differences", "to_host"]
+
+
+def host_device():
+    """JAX's CPU device, or None where the CPU backend is off (e.g. `JAX_PLATFORMS=cuda`)."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def to_host(state: CacheState) -> CacheState:
-    """A copy of `state` on the CPU device (the mirror)."""
-    return jax.device_put(state, jax.devices("cpu")[0])
+    """A copy of `state` on the CPU device (the mirror). Where JAX has no CPU backend the copy
+    stays on the state's device: still exact, but then its reads wait for the steps in flight."""
+    dev = host_device()
+    if dev is None:
+        return jax.tree_util.tree_map(jnp.copy, state)
+    return jax.device_put(state, dev)
 
 
 def decode_sub_step_ids(d_ids, d_n, j: int, steps: int):
