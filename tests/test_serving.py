@@ -86,7 +86,7 @@ def test_each_step_program_compiles_once():
     assert mine and max(mine.values()) == 1, mine
 
 
-@pytest.mark.parametrize("mixed", [True, False])
+@pytest.mark.parametrize("mixed", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_warmup_compiles_what_serving_runs_and_nothing_else(mixed):
     """warmup() traces each program the config can run; without mixed steps no mixed program
     (FlashInfer would otherwise build its batch-POD kernel for nothing); serving then traces
@@ -219,16 +219,17 @@ def test_random_workload_with_cancellations_leaks_no_page(cfg):
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_host_free_page_count_tracks_the_device(steps):
     """Without the prefix cache the host's free-page count (admission, the decode steps' page
     crossings, releases) equals the device allocator's after every iteration."""
-    eng = _random_workload(40, 14, check_mirror=True, prefix_cache=False, decode_steps=steps)
+    eng = _random_workload(25, 14, check_mirror=True, prefix_cache=False, decode_steps=steps)
     assert eng.stats.multi_steps > 0 or steps == 1
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
 
 
-@pytest.mark.parametrize("cfg", [{}, {"decode_steps": 3, "mixed_steps": False}])
+@pytest.mark.parametrize("cfg", [{}, pytest.param({"decode_steps": 3, "mixed_steps": False},
+                                                 marks=pytest.mark.slow)])
 def test_prefix_cache_reads_only_the_cpu_mirror_which_tracks_the_device(cfg):
     """With the prefix cache, every PrefixCache call gets the allocator's CPU copy (never the
     device state, whose reads would wait for the steps in flight), and that copy equals the device
@@ -248,7 +249,7 @@ def test_prefix_cache_reads_only_the_cpu_mirror_which_tracks_the_device(cfg):
         setattr(Spy, name, spy)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_mod, "RecordingPrefixCache", Spy)
-        eng = _random_workload(50, 13, check_mirror=True, shared_prefix=True, **cfg)
+        eng = _random_workload(30, 13, check_mirror=True, shared_prefix=True, **cfg)
     assert eng.stats.reused_tokens > 0 and {n for n, _ in seen} >= {"admit_batch", "release",
                                                                       "insert_slots"}
     assert all(on_cpu for _, on_cpu in seen)
