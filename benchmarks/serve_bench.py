@@ -138,11 +138,13 @@ def device_bound_loop(eng: Engine, steps: int = 1):
     return run
 
 
-def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1) -> tuple[float, float, object]:
+def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1,
+               trace_dir: str | None = None) -> tuple[float, float, object]:
     """(served ms, device-bound ms, the pool afterwards) per decode step of an engine whose
     running requests all decode: served = `Engine.step()` in steady state, sub-steps counted (a
     multi-step dispatch holds K); device-bound = `device_bound_loop`. Medians of 3 repeats of
-    about `n_steps / 3` steps. The engine cannot serve afterwards (its buffers were donated)."""
+    about `n_steps / 3` steps. `trace_dir`: then also 10 device-bound dispatches under
+    `jax.profiler` there. The engine cannot serve afterwards (its buffers were donated)."""
     K, batch = decode_steps, len(eng._running)
     served = []
     for _ in range(3):
@@ -161,6 +163,10 @@ def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1) -> tuple[float,
         t0 = time.perf_counter()
         kv = run(n)
         bound.append((time.perf_counter() - t0) / (n * K))
+    if trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        kv = run(10)
+        jax.profiler.stop_trace()
     return 1e3 * statistics.median(served), 1e3 * statistics.median(bound), kv
 
 

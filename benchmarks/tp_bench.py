@@ -4,6 +4,7 @@ and 256, with the HBM floor per GPU and the cost of the per-layer all-reduces.
 
     python3 benchmarks/tp_bench.py --out benchmarks/results             # needs 2 GPUs for "2"
     python3 benchmarks/tp_bench.py --gpus 1 2 --batches 64 256 --ctx 1024 --steps 60
+    python3 benchmarks/tp_bench.py --gpus 2 --batches 64 --trace-dir /tmp/tp_trace   # + kernel times
 
 For each (GPUs, batch), `batch` requests of `ctx - 1` prompt tokens are prefilled, then:
   served        Engine.step() in steady state (host plans, tokens fed back on the device, the
@@ -121,7 +122,7 @@ def _backend(n: int, mesh, transport: str, provider: str):
 
 def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
                  transport: str, devices, provider: str = "flashinfer",
-                 decode_steps: int = 1) -> dict:
+                 decode_steps: int = 1, trace_dir: str | None = None) -> dict:
     mesh = sharding.tp_mesh(n, devices=devices)
     params = random_params(cfg, mesh)
     K = decode_steps
@@ -150,7 +151,8 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
         eng.step()
     log(f"  prefill of {batch} x {ctx - 1} tokens: {time.perf_counter() - t0:.1f} s")
     # served and device-bound per decode step: the same measurement as serve_bench.py's
-    served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps, K)
+    tdir = None if not trace_dir else str(Path(trace_dir) / f"tp{n}_b{batch}")
+    served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps, K, trace_dir=tdir)
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
     res = dict(gpus=n, batch=batch, ctx=ctx, transport=transport, decode_steps=K,
@@ -161,6 +163,12 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
                kv_gb_per_gpu=kv.addressable_shards[0].data.nbytes / 1e9)
     if n > 1:
         res.update(allreduce_cost(mesh, batch, cfg))
+    if tdir:   # where the device-bound step's time goes, kernels by name (all GPUs summed)
+        import profile_step  # noqa: PLC0415  (benchmarks/profile_step.py)
+
+        summ = profile_step.summarize_trace(tdir, 10 * K)
+        res["trace"] = summ
+        log("  trace (per decode step, all GPUs summed):", json.dumps(summ)[:3000])
     del eng, kv, params
     return res
 
@@ -196,6 +204,10 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--ctx", type=int, default=1024, help="tokens per request at the decode steps")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--trace-dir", default=None,
+                    help="also trace 10 device-bound dispatches per configuration with "
+                         "jax.profiler under this folder and print the kernel time by name "
+                         "(NCCL's all-reduce kernels included)")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="EngineConfig.decode_steps (K decode steps per dispatch)")
     ap.add_argument("--transport", default="auto", choices=("callback", "auto"),
@@ -222,7 +234,7 @@ def main(argv=None):
             log(f"decode, {'smoke' if args.smoke else '8B'} shape, {n} device(s), batch {batch}, "
                 f"ctx {args.ctx}")
             rows.append(bench_decode(cfg, n, batch, args.ctx, args.steps, args.transport,
-                                     devices, provider, args.decode_steps))
+                                     devices, provider, args.decode_steps, args.trace_dir))
             log("  ", json.dumps(rows[-1]))
     log(f"\n{'GPUs':>4} {'batch':>5} {'served ms':>9} {'bound ms':>8} {'tok/s':>8} "
         f"{'floor/GPU ms':>12} {'bound/floor':>11} {'AR/layer us':>11} {'speedup':>7}")
