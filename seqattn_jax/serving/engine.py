@@ -141,9 +141,10 @@ class EngineStats:
                                    # device: serving/mirror.py)
     peak_running: int = 0
     peak_pages_in_use: int = 0
-    # host wall time in each phase of `step` (seconds): scheduling (admission, releases, prefix
-    # cache: includes its device reads), dispatch (inputs, host plans, the jitted call), and
-    # receiving (waiting for and handing out the lagged tokens)
+    # host wall time in each phase of `step` (seconds): scheduling (admission, releases, the
+    # prefix cache on the CPU mirror), dispatch (inputs, host plans, the jitted call; it waits
+    # when the device queue is full), and receiving (waiting for and handing out the lagged
+    # tokens)
     events_s: float = 0.0
     dispatch_s: float = 0.0
     receive_s: float = 0.0
@@ -422,9 +423,11 @@ class Engine:
     def warmup(self, *, sampled: bool = False) -> float:
         """Compile every step program serving can run (each prefill bucket as a prefill step and,
         with `mixed_steps`, as a mixed step, the decode step; `sampled` adds the non-greedy
-        variants), so that serving compiles nothing. Runs each once on a scratch allocator state with two throwaway
-        sequences; call it before submitting requests (their K/V land in pages that are free
-        then, which attention never reads). Returns seconds."""
+        variants), so that serving compiles nothing. Runs each once on a scratch allocator state
+        with two throwaway sequences; call it before submitting requests (their K/V land in
+        pages that are free then, which attention never reads). With the prefix cache it also
+        compiles the allocator programs of admission, indexing and release on the CPU mirror and
+        on the device. Returns seconds."""
         if self.has_work:
             raise RuntimeError("warmup: call it before submitting requests")
         t0 = time.perf_counter()
