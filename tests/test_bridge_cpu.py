@@ -508,6 +508,39 @@ def test_ffi_shim_substitutes_each_devices_own_raw_buffer(cpu_shim):
     assert seen["ptrs"] == [peer.data_ptr(), plain.data_ptr()]
 
 
+def test_alias_peers_gives_each_device_its_own_slot_buffers(cpu_shim):
+    """A program built from the home slot's argument list (`ffi.program`) and run on a peer
+    device reads the peer slot's buffers in every raw position (the float workspace and any
+    permanent tensor), once `ffi.alias_peers` registered them; scalars and None pass as built."""
+    tvm_ffi, target = cpu_shim
+    fp = fi_provider
+    seen = {}
+
+    def fn(*args):
+        seen["args"] = [a.data_ptr() if type(a).__name__ == "Tensor" else a for a in args]
+
+    fn_id = ffi.register_function(tvm_ffi.convert(fn))
+    cpu = jax.devices("cpu")[0]
+
+    def slot(device):
+        st = _Fake(float_ws=torch.zeros(64, dtype=torch.uint8), extra=torch.zeros(4))
+        _KEEP_ALIVE.extend([st.float_ws, st.extra])
+        return _Fake(state=st, device=device, id=device, key="k")
+
+    home, peer = slot(cpu.id + 7), slot(cpu.id)      # the call runs on the peer's device
+    home.peers = peer.peers = {home.device: home, peer.device: peer}
+
+    def args_of(s):
+        return [fp.FLOAT_WS, s.state.extra, 3, None]
+
+    p = ffi.program(home, args_of(home), {}, 1, 1, None, kv_input=0)
+    ffi.alias_peers(home, args_of)
+    q = jax.device_put(jnp.ones((3,), jnp.float32), cpu)
+    jax.jit(lambda q: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+        q, **p.attrs(fn_id)))(q).block_until_ready()
+    assert seen["args"] == [peer.state.float_ws.data_ptr(), peer.state.extra.data_ptr(), 3, None]
+
+
 # ----------------------------------------------------------------------------------------------
 # host plans: planned on the host before the step, adopted inside it (no stream sync)
 
