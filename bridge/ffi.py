@@ -252,6 +252,23 @@ def publish_plan(slot) -> None:
                    ws_size)
 
 
+def raw_buffer(slot, a):
+    """The permanent device buffer argument `a` of `slot`'s argument list stands for (its float
+    workspace, or a torch tensor of the slot's state), or None where `a` is not one (a symbol
+    filled at run time, a scalar, None). `program` emits these as RAW, `alias_peers` maps them."""
+    from . import fi_provider as fp  # noqa: PLC0415
+
+    if a is fp.FLOAT_WS:
+        return slot.state.float_ws
+    if isinstance(a, fp.Arg) or a is None or isinstance(a, (bool, int, float)):
+        return None
+    return a
+
+
+def _raw_code(t) -> int:
+    return {"torch.float32": RAW_F32, "torch.int32": RAW_I32}.get(str(t.dtype), RAW_U8)
+
+
 def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: int,
             kv_output: int | None = None, static_plan: dict | None = None,
             outputs: dict | None = None) -> Program:
@@ -275,7 +292,7 @@ def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: in
                 v = static[a]
                 p.plan_const(v) if isinstance(v, tuple) else p.inp(v)
             elif a is fp.FLOAT_WS:
-                p.raw(slot.state.float_ws, RAW_U8)
+                p.raw(raw_buffer(slot, a), RAW_U8)
             elif a is fp.INT_WS:
                 p.plan_ws(slot.id)
             elif a is fp.PLAN_INFO:
@@ -299,7 +316,7 @@ def program(slot, args, inputs: dict, n_in: int, n_out: int, pages, kv_input: in
         elif isinstance(a, float):
             p.float_(a)
         else:   # a permanent torch buffer
-            p.raw(a, {"torch.float32": RAW_F32, "torch.int32": RAW_I32}.get(str(a.dtype), RAW_U8))
+            p.raw(a, _raw_code(a))
     return p
 
 
@@ -310,8 +327,6 @@ def alias_peers(slot, args_of) -> None:
     same size), so that a call on device d reads d's own workspace (fi_shim.cpp, RawAlias).
     `args_of(slot)`: the argument list the program was built from, for any of the key's slots.
     A no-op on one device."""
-    from . import fi_provider as fp  # noqa: PLC0415
-
     peers = [s for d, s in slot.peers.items() if d != slot.device]
     if not peers:
         return
@@ -320,17 +335,9 @@ def alias_peers(slot, args_of) -> None:
 
         _register()   # the shim is built and loaded
         _SHIM.raw_alias = tvm_ffi.get_global_func("seqattn.fi_raw_alias")
-
-    def raw(s, a):
-        if a is fp.FLOAT_WS:
-            return s.state.float_ws
-        if isinstance(a, fp.Arg) or a is None or isinstance(a, (bool, int, float)):
-            return None
-        return a
-
-    home = [raw(slot, a) for a in args_of(slot)]
+    home = [raw_buffer(slot, a) for a in args_of(slot)]
     for peer in peers:
-        for a, b in zip(home, [raw(peer, a) for a in args_of(peer)], strict=True):
+        for a, b in zip(home, [raw_buffer(peer, a) for a in args_of(peer)], strict=True):
             if a is None:
                 continue
             if b is None or a.numel() != b.numel() or a.dtype != b.dtype:
