@@ -115,9 +115,8 @@ def random_params(cfg: LlamaConfig, mesh) -> dict:
 def _backend(n: int, mesh, transport: str, provider: str):
     from seqattn_jax.bridge import FlashInferBackend  # noqa: PLC0415
 
-    if n == 1:
-        return FlashInferBackend(provider, transport=transport)
-    return FlashInferBackend(provider, transport=transport, devices=mesh.devices.flat)
+    return FlashInferBackend(provider, transport=transport,
+                             devices=None if n == 1 else mesh.devices.flat)
 
 
 def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,

@@ -733,7 +733,7 @@ class Engine:
         host_plan = None
         if decode:
             off = Bp if prefill else 0
-            nd, ps = len(decode), cfg.page_size
+            nd = len(decode)
             # sub-steps each row runs (multi-step decode: none past its max_new_tokens)
             ns = [min(steps, r.sampling.max_new_tokens - r.n_sched) for r in decode]
             kv0 = np.fromiter((r.kv_len for r in decode), np.int64, nd)
@@ -745,9 +745,8 @@ class Engine:
             j = np.arange(steps)[:, None]
             lens = np.zeros((steps, B), np.int32)
             lens[:, :nd] = np.where(j < d_n[:nd], kv0 + j + 1, 0)
-            # a sub-step's allocate_decoding takes a page where the KV length before it is a
-            # multiple of the page size: count those in [kv0, kv0 + n - 1]
-            self._free -= int(np.sum((kv0 + d_n[:nd] - 1) // ps - (kv0 - 1) // ps))
+            # the sub-steps' allocate_decoding take the pages that growing to kv0 + n needs
+            self._free -= int(np.sum(cfg.pages_for(kv0 + d_n[:nd]) - cfg.pages_for(kv0)))
             d_samplers: list[SamplingParams | None] = [r.sampling for r in decode] + \
                 [None] * (B - nd)
             d_counters = [r.n_sched for r in decode] + [0] * (B - nd)
