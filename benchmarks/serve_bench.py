@@ -24,6 +24,7 @@ Writes `serve_<section>_<gpu>.json` under --out and prints tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -77,7 +78,19 @@ def hbm_floor_ms(cfg: LlamaConfig, batch: int, ctx: int, bytes_per=2) -> float:
     return (weights + kv) * bytes_per / HBM_BW * 1e3
 
 
-def _engine(cfg: LlamaConfig, params, batch: int, ctx: int, extra_tokens: int, **ecfg):
+@dataclasses.dataclass(frozen=True)
+class KernelChoiceModel(LlamaModel):
+    """LlamaModel whose attention options also name FlashInfer's decode kernel ("auto",
+    "tensor_core" or "cuda_core"): the same step with the other kernel, for `--decode-kernel`."""
+
+    decode_kernel: str = "auto"
+
+    def attention_options(self) -> dict:
+        return {**super().attention_options(), "decode_kernel": self.decode_kernel}
+
+
+def _engine(cfg: LlamaConfig, params, batch: int, ctx: int, extra_tokens: int,
+            decode_kernel: str = "auto", **ecfg):
     pages = batch * (-(-(ctx + extra_tokens) // PS)) + 64
     cache = sj.CacheConfig(num_pages=pages, page_size=PS, num_kv_heads=cfg.num_kv_heads,
                            head_dim=cfg.head_dim, max_seqs=batch,
@@ -85,7 +98,8 @@ def _engine(cfg: LlamaConfig, params, batch: int, ctx: int, extra_tokens: int, *
                            num_layers=cfg.num_layers, dtype=cfg.dtype)
     ecfg.setdefault("chunk", 512)
     ecfg.setdefault("prefix_cache", False)
-    return Engine(LlamaModel(cfg), params, cache, EngineConfig(**ecfg))
+    model = LlamaModel(cfg) if decode_kernel == "auto" else KernelChoiceModel(cfg, 1, decode_kernel)
+    return Engine(model, params, cache, EngineConfig(**ecfg))
 
 
 def _fill(eng: Engine, batch: int, ctx: int, max_new: int, seed=0):
@@ -183,18 +197,19 @@ def _backend(graphs: bool):
 
 
 def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: bool = False,
-                 params=None, decode_steps: int = 1) -> dict:
+                 params=None, decode_steps: int = 1, decode_kernel: str = "auto") -> dict:
     """Per decode step (ms): served (Engine.step in steady state, sub-steps counted), device-bound
     (the same program back to back), the HBM floor; torch + FlashInfer when `torch_too`."""
     cfg, ctx = SHAPES[shape]
     params = init_params(cfg, 0) if params is None else params
     K = decode_steps
     eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps * K + 64,
-                  backend=_backend(graphs), decode_steps=K,
+                  backend=_backend(graphs), decode_steps=K, decode_kernel=decode_kernel,
                   mixed_steps=False)   # the fill needs no batch-POD kernel: decode is measured
     _fill(eng, batch, ctx, max_new=4 * n_steps * K + 32)
     served_ms, bound_ms, _ = time_steps(eng, n_steps, K)
     res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
+               decode_kernel=decode_kernel,
                served_ms=served_ms, device_bound_ms=bound_ms,
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng
@@ -302,6 +317,10 @@ def main(argv=None):
                     help="FlashInferBackend(cuda_graphs=...) for the engine's decode rows")
     ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 4],
                     help="EngineConfig.decode_steps values to measure (multi-step decode)")
+    ap.add_argument("--decode-kernel", nargs="+", default=["auto"],
+                    choices=("auto", "tensor_core", "cuda_core"),
+                    help="FlashInfer decode kernels to measure the engine's step with (auto: the "
+                         "backend's choice for the model's GQA group)")
     ap.add_argument("--legacy", default=None, help="a checkout of the code before the engine (e2e)")
     a = ap.parse_args(argv)
     secs = {"decode", "mixed", "e2e"} if "all" in a.sections else set(a.sections)
@@ -312,17 +331,18 @@ def main(argv=None):
         modes = {"on": (True,), "off": (False,), "both": (False, True)}[a.cuda_graphs]
         for shape in a.shapes:
             for b in a.batches:
-                variants = [(g, k) for g in modes for k in a.decode_steps]
-                for i, (g, k) in enumerate(variants):
+                variants = [(g, k, dk) for g in modes for k in a.decode_steps
+                            for dk in a.decode_kernel]
+                for i, (g, k, dk) in enumerate(variants):
                     last = i == len(variants) - 1    # torch once per shape and batch
                     r = bench_decode(shape, b, a.steps, torch_too=last and not a.no_torch,
-                                     graphs=g, decode_steps=k)
+                                     graphs=g, decode_steps=k, decode_kernel=dk)
                     rows.append(r)
                     log(json.dumps(r))
         results["decode"] = rows
         log(f"\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
         log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
-        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'served':>8} {'dev-bound':>9} "
+        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'kernel':>11} {'served':>8} {'dev-bound':>9} "
             f"{'torch eager':>11} {'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} "
             f"{'served/floor':>12} {'served/bound':>12}")
         torch_at = {(r["shape"], r["batch"]): r for r in rows if "torch_graph_ms" in r}
@@ -330,7 +350,7 @@ def main(argv=None):
             t = torch_at.get((r["shape"], r["batch"]), {})
             te, tg = t.get("torch_eager_ms", float("nan")), t.get("torch_graph_ms", float("nan"))
             log(f"{r['shape']:6} {r['batch']:5d} {'on' if r['cuda_graphs'] else 'off':>6} "
-                f"{r['decode_steps']:2d} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
+                f"{r['decode_steps']:2d} {r['decode_kernel']:>11} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
                 f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
                 f"{r['served_ms'] / r['hbm_floor_ms']:12.2f} "
                 f"{r['served_ms'] / r['device_bound_ms']:12.2f}")

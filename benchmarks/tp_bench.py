@@ -15,7 +15,7 @@ For each (GPUs, batch), `batch` requests of `ctx - 1` prompt tokens are prefille
   HBM floor     per GPU: its share of the layer weights (1/N), the replicated lm_head, and its
                 share of the batch's KV (1/N), read once per step at 4.3 TB/s
 and, on 2 GPUs, the all-reduce of one layer's activations ([batch, d] float16, two per layer:
-after wo and after w_down) timed alone, back to back (`allreduce_us` each, `per_layer_us` for
+after wo and after w_down) timed alone, 64 in a row in one program (`allreduce_us` each, `per_layer_us` for
 the two, `per_step_ms` for 32 layers).
 
 The weights are random (drawn on the devices in their final sharding: an 8B model is not
@@ -134,6 +134,7 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     model = LlamaModel(cfg, tp=n)
     eng = Engine(model, params, cache, EngineConfig(
         chunk=min(2048, batch * ctx), prefix_cache=False,
+        mixed_steps=False,   # decode is measured: no batch-POD programs to compile
         backend=_backend(n, mesh, transport, provider),
         mesh=mesh if n > 1 else None, decode_steps=K))
     t0 = time.perf_counter()
@@ -172,26 +173,30 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     return res
 
 
-def allreduce_cost(mesh, rows: int, cfg: LlamaConfig, reps: int = 256) -> dict:
+def allreduce_cost(mesh, rows: int, cfg: LlamaConfig, reps: int = 64) -> dict:
     """One layer's all-reduces timed alone: `reps` dependent all-reduces of float16 [rows, d] per
-    device (`lax.psum` under shard_map: NCCL on GPUs), back to back."""
+    device (`lax.psum` under shard_map: NCCL on GPUs) written out one after another in one program
+    (as a step has them: 2 per layer; no loop around them, whose own per-iteration overhead would
+    count), the program run back to back."""
     n = int(mesh.shape["tp"])
 
     def body(x):
-        def one(_, x):
-            return jax.lax.psum(x, "tp") * jnp.asarray(1.0 / n, x.dtype)
-        return jax.lax.fori_loop(0, reps, one, x)
+        for _ in range(reps):
+            x = jax.lax.psum(x, "tp") * jnp.asarray(1.0 / n, x.dtype)
+        return x
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp"), out_specs=P("tp"),
-                              check_vma=False))
+                              check_vma=False), donate_argnums=0)
     x = jax.device_put(jnp.ones((n * rows, cfg.d_model), cfg.dtype),
                        NamedSharding(mesh, P("tp")))
-    jax.block_until_ready(f(x))
+    x = jax.block_until_ready(f(x))
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append((time.perf_counter() - t0) / reps)
+        for _ in range(10):
+            x = f(x)
+        jax.block_until_ready(x)
+        times.append((time.perf_counter() - t0) / (10 * reps))
     each = statistics.median(times)
     return dict(allreduce_us=each * 1e6, per_layer_us=2 * each * 1e6,
                 allreduce_per_step_ms=2 * cfg.num_layers * each * 1e3)
@@ -212,6 +217,10 @@ def main(argv=None):
     ap.add_argument("--transport", default="auto", choices=("callback", "auto"),
                     help="FlashInfer's transport on 1 and N GPUs: auto (FFI calls of static "
                          "host plans) or callback")
+    ap.add_argument("--allreduce-only", action="store_true",
+                    help="only time one layer's all-reduces ([batch, d] float16 psum) on all "
+                         "devices for each --batches value (NCCL_PROTO / NCCL_ALGO / XLA_FLAGS "
+                         "variants are compared with this, one process each)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny float16 model on CPU devices with the bridge's torch kernels: "
@@ -224,6 +233,14 @@ def main(argv=None):
         devices = jax.devices("cpu")
     else:
         devices = jax.devices("gpu")
+    if args.allreduce_only:
+        mesh = sharding.tp_mesh(len(devices), devices=devices)
+        for batch in args.batches:
+            log(json.dumps(dict(devices=len(devices), batch=batch, **allreduce_cost(mesh, batch, cfg),
+                                NCCL_PROTO=os.environ.get("NCCL_PROTO"),
+                                NCCL_ALGO=os.environ.get("NCCL_ALGO"),
+                                XLA_FLAGS=os.environ.get("XLA_FLAGS"))))
+        return
     want = [n for n in args.gpus if n <= len(devices)]
     if want != args.gpus:
         log(f"only {len(devices)} device(s) here: running {want}")
