@@ -180,6 +180,19 @@ def append_function():
     return _page_module().append_paged_kv_cache
 
 
+def whole_kv_per_cta(indptr, num_kv_heads: int, num_sms: int) -> bool:
+    """Whether a CUDA-graph tensor-core decode plan drops FlashInfer's KV split: when the live
+    requests (those with pages in `indptr`, int [B + 1]) alone give every SM a CTA (live x KV
+    heads >= SMs). In CUDA-graph mode FlashInfer always splits: it writes partial outputs and runs
+    a merge kernel even when each request gets one chunk. Measured on an H200
+    (`benchmarks/decode_kernel_probe.py`, run Q) the unsplit plan is 5-16 % faster at the
+    engine's decode shapes (batch 64-256, ctx 320-1024). With few live requests the split stays:
+    it spreads a long context over the SMs. The choice is in plan_info, so each has its own step
+    program (the engine's warm-up compiles both)."""
+    live = int(np.count_nonzero(np.diff(np.asarray(indptr)) > 0))
+    return live * num_kv_heads >= num_sms
+
+
 class FlashInferProvider:
     """FlashInfer's kernels. Owns the float workspaces (one per device) of its backend."""
 
@@ -189,6 +202,7 @@ class FlashInferProvider:
     def __init__(self):
         self._float_ws: dict[tuple[str, int], torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._sms: dict[int | None, int] = {}   # streaming multiprocessors per device index
 
     def unsupported(self, kind, options):
         return None
@@ -266,13 +280,20 @@ class FlashInferProvider:
         return torch.from_numpy((np.maximum(n - 1, 0) * page + lpl).astype(np.int32))
 
     def _plan_prefill_like(self, st, key, float_ws, int_ws, pinned, qo_host, indptr, lpl,
-                           total_rows, causal, num_colocated=0, cuda_graph=False):
+                           total_rows, causal, num_colocated=0, cuda_graph=False,
+                           disable_split_kv=False):
         B = len(lpl)
         return st.module.plan(
             float_ws, int_ws, pinned, qo_host, torch.from_numpy(indptr),
             self._kv_lens(indptr, lpl, key.page_size), total_rows, B, key.num_qo_heads,
             key.num_kv_heads, key.page_size, cuda_graph, key.head_dim, key.head_dim, causal,
-            key.window_left, -1, False, num_colocated, 0)
+            key.window_left, -1, disable_split_kv, num_colocated, 0)
+
+    def _num_sms(self, dev) -> int:
+        n = self._sms.get(dev.index)
+        if n is None:
+            n = self._sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+        return n
 
     def _plan_decode(self, st, key, host, float_ws, int_ws, pinned, cuda_graph=False):
         if key.decode_kernel == "cuda_core" and key.kind == "decode":
@@ -283,7 +304,14 @@ class FlashInferProvider:
                 torch.empty(0, dtype=st.q_dt), torch.empty(0, dtype=st.kv_dt))
         return self._plan_prefill_like(st, key, float_ws, int_ws, pinned, st.arange_qo_host,
                                        host["indptr"], host["lpl"], key.batch_size, False,
-                                       cuda_graph=cuda_graph)
+                                       cuda_graph=cuda_graph,
+                                       disable_split_kv=cuda_graph and self._whole_kv_per_cta(
+                                           st, key, host["indptr"]))
+
+    def _whole_kv_per_cta(self, st, key, indptr) -> bool:
+        if st.device.type != "cuda":
+            return False
+        return whole_kv_per_cta(indptr, key.num_kv_heads, self._num_sms(st.device))
 
     def plan(self, slot, host, int_ws, pinned, cuda_graph: bool = False):
         """Plan from the host arrays into `int_ws` (the slot's own workspaces, or a host plan's

@@ -888,3 +888,17 @@ def test_static_batch_pod_program_maps_both_halves():
     consts = [tuple(p.iconst[x + 1:x + 1 + p.iconst[x]]) for op, x in pairs if op == ffi.PLAN_CONST]
     assert consts == [info_p, info_d]        # prefill half first, as FlashInfer's argument list
     assert [op for op, _ in pairs].count(ffi.NONE) >= 2    # no LSE outputs asked: None passed
+
+
+def test_cuda_graph_decode_plans_drop_the_kv_split_only_when_live_requests_fill_the_sms():
+    """`fi_provider.whole_kv_per_cta`: counted against a plain loop over the requests' pages."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        B, heads, sms = int(rng.integers(1, 300)), int(rng.choice([1, 2, 4, 8])), 132
+        pages = rng.integers(0, 5, size=B) * (rng.random(B) < rng.random())
+        indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+        live = sum(1 for p in pages if p > 0)
+        assert fi_provider.whole_kv_per_cta(indptr, heads, sms) == (live * heads >= sms)
+    full = np.arange(0, 2 * 33 + 1, 2, dtype=np.int32)       # 33 live requests x 4 heads = 132
+    assert fi_provider.whole_kv_per_cta(full, 4, 132)
+    assert not fi_provider.whole_kv_per_cta(full[:-1], 4, 132)

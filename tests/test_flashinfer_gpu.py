@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - imported as the `tests` package
 import seqattn_jax as sj  # noqa: E402
 from seqattn_jax.bridge import FlashInferBackend, ffi  # noqa: E402
 from seqattn_jax.config import CacheConfig  # noqa: E402
+import torch  # noqa: E402  (CUDA torch: the module skips above without it)
 
 HQ, HKV, D, PS = 16, 4, 128, 16
 TRANSPORTS = ["callback"] + (["ffi"] if ffi.available() else [])
@@ -48,9 +49,10 @@ def test_ffi_bridge_builds():
         pytest.skip(f"XLA FFI bridge unavailable: {ffi.unavailable_reason()}")
 
 
-def cfg_(layout="NHD", dtype="float16", hkv=HKV, num_layers=2, num_pages=96, max_pages=12):
+def cfg_(layout="NHD", dtype="float16", hkv=HKV, num_layers=2, num_pages=96, max_pages=12,
+         max_seqs=16):
     return CacheConfig(num_pages=num_pages, page_size=PS, num_kv_heads=hkv, head_dim=D,
-                       max_seqs=16, max_pages_per_seq=max_pages, num_layers=num_layers,
+                       max_seqs=max_seqs, max_pages_per_seq=max_pages, num_layers=num_layers,
                        dtype=dtype, kv_layout=layout)
 
 
@@ -351,8 +353,9 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     ref_step = _decode_step(cfg, use_scan, "reference")
     ref_state, ref_kv = state, kv + 0
     for it in range(3):
-        q = rand(rng, (cfg.num_layers, 6, HQ, D))
-        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
+        n = n_req + 1
+        q = rand(rng, (cfg.num_layers, n, HQ, D))
+        k, v = rand(rng, (cfg.num_layers, n, HKV, D)), rand(rng, (cfg.num_layers, n, HKV, D))
         ptr = kv.unsafe_buffer_pointer()
         state, kv, outs, ok = step(state, kv, seq_ids, q, k, v)
         assert bool(ok.all())
@@ -363,18 +366,22 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     assert step._cache_size() == 1, "the step retraced"
 
 
-def _host_planned_decode_steps(backend, use_scan, kernel, seed, on_plan=lambda hp: None):
-    """12 decode steps adopting host plans of `backend`, with a padding row: each step matches
-    the reference step and writes the pool in place. Returns (the jitted step, the last step's
-    state, kv, seq_ids, q, k, v, host lengths) for further checks."""
-    cfg = cfg_(num_layers=3, num_pages=160, max_pages=16)
+def _host_planned_decode_steps(backend, use_scan, kernel, seed, on_plan=lambda hp: None,
+                               n_req=5):
+    """12 decode steps adopting host plans of `backend`, with a padding row (the third): each step
+    matches the reference step and writes the pool in place. Returns (the jitted step, the last
+    step's state, kv, seq_ids, q, k, v, host lengths) for further checks. `n_req` requests (5:
+    lengths 30, 15, 1, 64, 47; more: random lengths up to 64)."""
+    cfg = cfg_(num_layers=3, num_pages=max(160, 6 * n_req), max_pages=16,
+               max_seqs=max(16, n_req))
     rng = np.random.default_rng(seed)
     state = sj.init_state(cfg)
-    lens0 = np.asarray([30, 15, 1, 64, 47])
-    state, status = sj.allocate(state, jnp.arange(5, dtype=jnp.int32), jnp.asarray(lens0, jnp.int32))
+    lens0 = np.asarray([30, 15, 1, 64, 47]) if n_req == 5 else rng.integers(1, 65, size=n_req)
+    state, status = sj.allocate(state, jnp.arange(n_req, dtype=jnp.int32),
+                                jnp.asarray(lens0, jnp.int32))
     assert bool(sj.ok(status).all())
     kv = rand(rng, cfg.kv_shape)
-    seq_ids = jnp.asarray([0, 1, -1, 2, 3, 4], jnp.int32)
+    seq_ids = jnp.asarray([0, 1, -1, *range(2, n_req)], jnp.int32)
     host_lens = np.concatenate([lens0[:2], [0], lens0[2:]])
     step = _decode_step(cfg, use_scan, backend, "scatter", planning="host")
     ref_step = _decode_step(cfg, use_scan, "reference")
@@ -385,8 +392,9 @@ def _host_planned_decode_steps(backend, use_scan, kernel, seed, on_plan=lambda h
         hp = attention.host_plan_decode(cfg, host_lens, HQ, backend=backend,
                                         options=O(decode_kernel=kernel))
         on_plan(hp)
-        q = rand(rng, (cfg.num_layers, 6, HQ, D))
-        k, v = rand(rng, (cfg.num_layers, 6, HKV, D)), rand(rng, (cfg.num_layers, 6, HKV, D))
+        n = n_req + 1
+        q = rand(rng, (cfg.num_layers, n, HQ, D))
+        k, v = rand(rng, (cfg.num_layers, n, HKV, D)), rand(rng, (cfg.num_layers, n, HKV, D))
         ptr = kv.unsafe_buffer_pointer()
         state, kv, outs, ok = step(state, kv, seq_ids, q, k, v, hp)
         ref_state, ref_kv, ref_outs, _ = ref_step(ref_state, ref_kv, seq_ids, q, k, v)
@@ -484,6 +492,24 @@ def test_static_host_plans_over_decode_steps(kernel):
     *_, ok = step(state, kv, seq_ids, q, k, v, hp)
     assert not bool(ok.all()), "a plan for other lengths was not flagged"
     assert be.discard_host_plans() == 0, "static plans queue nothing"
+
+
+def test_static_host_plans_without_the_kv_split_at_a_full_batch():
+    """40 live requests x 4 KV heads fill the H200's 132 SMs: the CUDA-graph decode plan drops
+    FlashInfer's KV split (`fi_provider.whole_kv_per_cta`; plan_info's last field, split_kv, is 0)
+    and 12 steps still match the reference; with 5 requests the split stays (split_kv 1)."""
+    be = _graphs_backend()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n_req = -(-sms // HKV) + 7
+    infos = set()
+    step, _ = _host_planned_decode_steps(be, False, "tensor_core", seed=24, n_req=n_req,
+                                         on_plan=lambda hp: infos.add(hp.meta.static))
+    assert len(infos) == 1 and next(iter(infos))[-1] == 0, f"split_kv not dropped: {infos}"
+    assert step._cache_size() == 1
+    few = set()
+    _host_planned_decode_steps(be, False, "tensor_core", seed=25,
+                               on_plan=lambda hp: few.add(hp.meta.static))
+    assert len(few) == 1 and next(iter(few))[-1] == 1, f"the split was dropped for 5 requests: {few}"
 
 
 @pytest.mark.parametrize("kind", ["prefill", "batch_pod"])

@@ -435,13 +435,20 @@ class Engine:
         n_p = max(1, min(C[-1], cfg.max_seq_len - 2))
         K = self.config.decode_steps
         kinds = ("prefill", "mixed") if self.config.mixed_steps else ("prefill",)
-        programs = [(k, c, 1) for k in kinds for c in C] + [("decode", C[-1], 1)]
+        programs = [(k, c, 1, False) for k in kinds for c in C] + [("decode", C[-1], 1, False)]
         if K > 1:
-            programs.append(("decode", C[-1], K))
+            programs.append(("decode", C[-1], K, False))
+        if self.config.host_plans and self.B > 1 and cfg.num_pages >= 2 * self.B:
+            # a decode plan with every row live can differ from one with few (FlashInfer's
+            # CUDA-graph plans drop the KV split when the live rows fill the GPU:
+            # bridge/fi_provider.py), and the plan is part of the program: compile both
+            programs += [(n, c, k, True) for n, c, k, _ in programs if n == "decode"]
         for greedy in ((True, False) if sampled else (True,)):
-            for kind_name, c, steps in programs:
+            for kind_name, c, steps, full in programs:
                 state = init_state(cfg)
                 lens = [min(n_p, c), 2] if self.B > 1 else [min(n_p, c)]
+                if full:
+                    lens = [2] * self.B
                 lens = [min(n, cfg.max_seq_len - steps) for n in lens]
                 state, _ = allocate(state, self._pad(list(range(len(lens)))), self._pad(lens, 0))
                 kind = StepKind(kind_name, greedy_only=greedy, host_plan=self.config.host_plans,
@@ -452,7 +459,12 @@ class Engine:
                                p_new=self._padp([lens[0]], 0), p_end=self._padp([lens[0]], 0),
                                p_emit=self._padp([0]))
                 d_lens = np.zeros((steps, self.B), np.int32)
-                if kind.has_decode:
+                if kind.has_decode and full:
+                    inp["d_ids"] = self._pad(list(range(self.B)))
+                    d_lens[:] = np.asarray(lens)[None, :] + 1 + np.arange(steps)[:, None]
+                    if steps > 1:
+                        inp["d_n"] = np.full((self.B,), steps, np.int32)
+                elif kind.has_decode:
                     d = 1 if len(lens) > 1 and kind.has_prefill else 0
                     inp["d_ids"] = self._pad([d])
                     d_lens[:, 0] = lens[d] + 1 + np.arange(steps)
