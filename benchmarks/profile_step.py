@@ -35,11 +35,14 @@ import jax  # noqa: E402
 import serve_bench as sb  # noqa: E402
 
 
-def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
-    """Kernel time by name, kernels per step and GPU idle time from a perfetto trace."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+def _load_trace(trace: str):
+    """(events, names) of a `jax.profiler` trace: `trace` is a `*.trace.json.gz` file or a folder
+    holding one (the newest is read); names maps (pid, None) to process names and (pid, tid) to
+    thread names."""
+    files = [trace] if trace.endswith(".json.gz") else \
+        glob.glob(os.path.join(trace, "**", "*.trace.json.gz"), recursive=True)
     if not files:
-        return {"error": f"no trace under {trace_dir}"}
+        return None, None
     with gzip.open(sorted(files)[-1], "rt") as f:
         tr = json.load(f)
     events = tr["traceEvents"] if isinstance(tr, dict) else tr
@@ -48,6 +51,57 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
         if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
             names[(e.get("pid"), e.get("tid") if e["name"] == "thread_name" else None)] = \
                 e.get("args", {}).get("name", "")
+    return events, names
+
+
+def per_device(trace: str, steps: int, top: int = 8) -> dict:
+    """Each GPU's own timeline from a trace (several GPUs run at once, so their union hides each
+    one's idle time): per step its span, busy and idle time, kernels, and the `top` idle gaps
+    grouped by (kernel before, kernel after); and the host's CUDA-graph launches per step and
+    device (`cuGraphLaunch`: XLA launches a command buffer per run of capturable work, so each
+    piece a collective cuts off costs one)."""
+    events, names = _load_trace(trace)
+    if events is None:
+        return {"error": f"no trace under {trace}"}
+    gpus = sorted(pid for (pid, tid), n in names.items() if tid is None and "/device:GPU" in n)
+    out = {}
+    for pid in gpus:
+        k = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") == pid
+                    and e.get("dur", 0) > 0), key=lambda e: e["ts"])
+        if not k:
+            continue
+        busy, end, prev = 0.0, k[0]["ts"], None
+        gaps, count = collections.Counter(), collections.Counter()
+        for e in k:
+            s, t = e["ts"], e["ts"] + e["dur"]
+            if prev is not None and s > end:
+                key = f"{prev['name'][:40]} -> {e['name'][:40]}"
+                gaps[key] += s - end
+                count[key] += 1
+            if t > end:
+                busy += t - max(s, end)
+                end = t
+            prev = e
+        span = end - k[0]["ts"]
+        out[names[(pid, None)]] = {
+            "span_us_per_step": round(span / steps, 1), "busy_us_per_step": round(busy / steps, 1),
+            "idle_us_per_step": round((span - busy) / steps, 1),
+            "kernels_per_step": round(len(k) / steps, 1),
+            "gaps": [(g, round(v / steps, 1), round(count[g] / steps, 1))
+                     for g, v in gaps.most_common(top)]}
+    launches = sum(1 for e in events if e.get("ph") == "X"
+                   and str(e.get("name", "")).startswith("cuGraphLaunch"))
+    busy_gpus = sum(1 for v in out.values() if v["kernels_per_step"] > 0)
+    out["graph_launches_per_step_per_gpu"] = round(launches / steps / max(1, busy_gpus), 1)
+    return out
+
+
+def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
+    """Kernel time by name, kernels per step and GPU idle time from a perfetto trace (all GPUs
+    together: `per_device` gives each GPU's own)."""
+    events, names = _load_trace(trace_dir)
+    if events is None:
+        return {"error": f"no trace under {trace_dir}"}
     def is_gpu(e):
         p = names.get((e.get("pid"), None), "")
         return "GPU" in p or "gpu" in p or "/device:" in p and "CPU" not in p
@@ -76,6 +130,9 @@ def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--summarize", default=None, metavar="TRACE",
+                    help="only analyse a saved trace (a *.trace.json.gz or its folder) of --steps "
+                         "steps: kernels by name and each GPU's timeline; no GPU needed")
     ap.add_argument("--shape", default="small")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
@@ -83,6 +140,10 @@ def main(argv=None):
     ap.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
                     help="FlashInferBackend(cuda_graphs=...): static host plans, XLA command buffers")
     a = ap.parse_args(argv)
+    if a.summarize:
+        print(json.dumps({"kernels": summarize_trace(a.summarize, a.steps),
+                          "per_device": per_device(a.summarize, a.steps)}, indent=1))
+        return
     cfg, ctx = sb.SHAPES[a.shape]
     params = sb.init_params(cfg, 0)
     eng = sb._engine(cfg, params, a.batch, ctx, extra_tokens=8 * a.steps + 64,

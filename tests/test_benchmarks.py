@@ -47,3 +47,31 @@ def test_plot_serving_draws_the_h200_runs(tmp_path):
         pytest.skip("no committed serving results in this tree")
     for src in rows:
         _plot(src, tmp_path / (src.stem + ".png"))
+
+
+def test_profile_step_per_device_timeline_of_a_synthetic_trace(tmp_path):
+    """benchmarks/profile_step.py's `per_device` on a hand-made trace of 2 steps on 2 GPUs: each
+    GPU's busy / idle time and gaps, counted by hand, and the host's graph launches per GPU."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_step  # noqa: PLC0415
+
+    meta = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
+            for p, n in ((1, "/device:GPU:0"), (2, "/device:GPU:1"), (3, "/host:CPU"))]
+    x = lambda pid, name, ts, dur: {"ph": "X", "pid": pid, "tid": 0, "name": name,  # noqa: E731
+                                    "ts": ts, "dur": dur}
+    ev = meta + [x(1, "gemm", 0, 10), x(1, "nccl", 15, 5), x(1, "gemm", 20, 10),     # gap 5
+                 x(1, "gemm", 40, 10), x(1, "nccl", 45, 10),                          # gap 10, overlap
+                 x(2, "gemm", 0, 30), x(2, "gemm", 50, 5),                            # gap 20
+                 x(3, "cuGraphLaunch (CudaGraph:1)", 0, 3), x(3, "cuGraphLaunch (CudaGraph:2)", 5, 3),
+                 x(3, "cuGraphLaunch (CudaGraph:3)", 9, 3), x(3, "cuGraphLaunch (CudaGraph:4)", 9, 3)]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    d = profile_step.per_device(str(path), steps=2)
+    g0, g1 = d["/device:GPU:0"], d["/device:GPU:1"]
+    assert (g0["span_us_per_step"], g0["busy_us_per_step"], g0["idle_us_per_step"]) == (27.5, 20.0, 7.5)
+    assert g0["gaps"] == [("gemm -> gemm", 5.0, 0.5), ("gemm -> nccl", 2.5, 0.5)]
+    assert (g1["busy_us_per_step"], g1["idle_us_per_step"], g1["kernels_per_step"]) == (17.5, 10.0, 1.0)
+    assert d["graph_launches_per_step_per_gpu"] == 1.0      # 4 launches, 2 steps, 2 GPUs
