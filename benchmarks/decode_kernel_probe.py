@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import time_torch  # noqa: E402  (benchmarks/bench.py: CUDA events over n calls, median)
 
 SHAPES = {
     "small_b64": (64, 320, 16, 4, 128),
@@ -66,18 +71,7 @@ def probe(name, shape, n=100, reps=5):
             pkw = dict(disable_split_kv=True) if nosplit else {}
             w.plan(indptr, perm, lpl, hq, hkv, d, PS, q_data_type=torch.float16,
                    kv_data_type=torch.float16, **pkw)
-            w.run(q, kv, out=out)
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(n):
-                    w.run(q, kv, out=out)
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) / n * 1e3)
-            us = sorted(times)[len(times) // 2]
+            us = time_torch(lambda: w.run(q, kv, out=out), n, reps) * 1e6
             res[vname] = round(us, 2)
             res[vname + "_tb_s"] = round(kv_bytes / us / 1e6, 2)
             del w, ws
