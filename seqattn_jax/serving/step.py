@@ -197,6 +197,58 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
 
     spec = step_inputs_spec(kind, B, Bp, C)
     n_spec = sum(int(np.prod(shape)) for shape, _ in spec.values())
+    drop = cache.max_seqs   # a scatter index past every slot: dropped
+
+    def decode_rows(state, d_ids, last_tok):
+        """Allocate this decode sub-step's slots `d_ids` (-1: none) one token each; a refused
+        allocation writes nowhere (its rows become padding). Returns (state, ok, d_ids, the
+        packed decode batch, the rows' input tokens read from `last_tok`)."""
+        state, status = allocate_decoding(state, d_ids)   # mirrored: serving/mirror.py
+        ok_alloc = ok(status)
+        d_ids = jnp.where(ok_alloc, d_ids, -1)
+        packed = pack_for_flashinfer(state, d_ids)
+        tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].get(mode="fill", fill_value=0)
+        return state, ok_alloc, d_ids, packed, tokens
+
+    def make_plan(host_plan, packed_p, packed_d):
+        """This step's plan (adopting the host plan when `kind.host_plan`); with a mesh every
+        device makes (or adopts) its own: see seqattn_jax/sharding.py."""
+        def local(host_plan, packed_p, packed_d):
+            if kind.kind == "prefill":
+                return attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
+                    attention.plan_prefill(cache, packed_p, hq, **plan_kw)
+            if kind.kind == "decode":
+                return attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
+                    attention.plan_decode(cache, packed_d, hq, **plan_kw)
+            return attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
+                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
+
+        return local(host_plan, packed_p, packed_d) if tp is None else \
+            tp.plan(local, host_plan, packed_p, packed_d)
+
+    def attend_with(write, packed_p, packed_d, plan):
+        """The model's `attend(q, k, v, kv, layer)` for this step's batch: write the rows' K/V
+        (`write`: the packed rows in step order), then prefill, decode or batch POD attention;
+        per device under `shard_map` with a mesh."""
+        def local(q, k, v, kv, layer, write, packed_p, packed_d, plan):
+            kv = attention.append_kv(cache, kv, k, v, write, layer=layer)
+            if kind.kind == "prefill":
+                out = attention.batch_prefill(cache, q, kv, packed_p, plan=plan, layer=layer)
+            elif kind.kind == "decode":
+                out = attention.batch_decode(cache, q, kv, packed_d, plan=plan, layer=layer)
+            else:
+                out_p, out_d = attention.batch_pod(cache, q[:C], packed_p, q[C:], packed_d, kv,
+                                                   plan=plan, layer=layer)
+                out = jnp.concatenate([out_p, out_d])
+            return out.astype(q.dtype), kv
+
+        def attend(q, k, v, kv, layer):
+            if tp is None:
+                return local(q, k, v, kv, layer, write, packed_p, packed_d, plan)
+            return tp.attend(full, lambda q, k, v, kv, ex, plan: local(
+                q, k, v, kv, layer, *ex, plan))(q, k, v, kv, (write, packed_p, packed_d), plan)
+
+        return attend
 
     def step(params, kv, state, last_tok, flat, host_plan):
         inp = unpack_inputs(spec, flat)
@@ -212,27 +264,8 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             packed_p = pack_for_flashinfer(state, inp["p_ids"], inp["p_new"], max_tokens=C,
                                            kv_lens=inp["p_end"])
         if kind.has_decode:
-            d_ids = inp["d_ids"]
-            state, status = allocate_decoding(state, d_ids)
-            ok_alloc = ok(status)
-            d_ids = jnp.where(ok_alloc, d_ids, -1)   # never write where the allocation was refused
-            packed_d = pack_for_flashinfer(state, d_ids)
-            d_tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, cache.max_seqs)].get(
-                mode="fill", fill_value=0)
-
-        def make_plan(host_plan, packed_p, packed_d):
-            if kind.kind == "prefill":
-                return attention.adopt_plan(host_plan, packed_p) if kind.host_plan else \
-                    attention.plan_prefill(cache, packed_p, hq, **plan_kw)
-            if kind.kind == "decode":
-                return attention.adopt_plan(host_plan, packed_d) if kind.host_plan else \
-                    attention.plan_decode(cache, packed_d, hq, **plan_kw)
-            return attention.adopt_plan(host_plan, packed_p, packed_d) if kind.host_plan else \
-                attention.plan_batch_pod(cache, packed_p, packed_d, hq, **plan_kw)
-
-        # with a mesh every device makes (or adopts) its own plan: see seqattn_jax/sharding.py
-        plan = make_plan(host_plan, packed_p, packed_d) if tp is None else \
-            tp.plan(make_plan, host_plan, packed_p, packed_d)
+            state, ok_alloc, d_ids, packed_d, d_tokens = decode_rows(state, inp["d_ids"], last_tok)
+        plan = make_plan(host_plan, packed_p, packed_d)
         if kind.kind == "prefill":
             tokens, positions, write = inp["p_tokens"], packed_p.positions, packed_p
             logit_rows = jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1)
@@ -246,28 +279,10 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
             logit_rows = jnp.concatenate([jnp.clip(packed_p.qo_indptr[1:] - 1, 0, C - 1),
                                           C + jnp.arange(B, dtype=jnp.int32)])
 
-        def attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan):
-            kv = attention.append_kv(cache, kv, k, v, write, layer=layer)
-            if kind.kind == "prefill":
-                out = attention.batch_prefill(cache, q, kv, packed_p, plan=plan, layer=layer)
-            elif kind.kind == "decode":
-                out = attention.batch_decode(cache, q, kv, packed_d, plan=plan, layer=layer)
-            else:
-                out_p, out_d = attention.batch_pod(cache, q[:C], packed_p, q[C:], packed_d, kv,
-                                                   plan=plan, layer=layer)
-                out = jnp.concatenate([out_p, out_d])
-            return out.astype(q.dtype), kv
-
-        def attend(q, k, v, kv, layer):
-            if tp is None:
-                return attend_local(q, k, v, kv, layer, write, packed_p, packed_d, plan)
-            return tp.attend(full, lambda q, k, v, kv, ex, plan: attend_local(
-                q, k, v, kv, layer, *ex, plan))(q, k, v, kv, (write, packed_p, packed_d), plan)
-
-        logits, kv = model.forward(params, tokens, positions, kv, attend, logit_rows)
+        logits, kv = model.forward(params, tokens, positions, kv,
+                                   attend_with(write, packed_p, packed_d, plan), logit_rows)
         toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
                              inp["counter"], greedy_only=kind.greedy_only)
-        drop = cache.max_seqs
         if kind.has_prefill:
             emit = jnp.where(inp["p_emit"] >= 0, inp["p_emit"], drop)
             last_tok = last_tok.at[emit].set(toks[:Bp], mode="drop")
@@ -281,39 +296,17 @@ def build_step(model, cache: CacheConfig, kind: StepKind, *, B: int, Bp: int, C:
     def multi_decode(params, kv, state, last_tok, inp, host_plans):
         """K decode steps in one program: sub-step j allocates, plans (adopts host plan j),
         runs the forward and samples (counter + j) for the rows with j < d_n, and feeds its
-        tokens to sub-step j + 1 through `last_tok`."""
+        tokens to sub-step j + 1 through `last_tok` (the single decode step's pieces, K times)."""
         ok_alloc = plan_ok = jnp.asarray(True)
-        drop, toks_all = cache.max_seqs, []
+        toks_all = []
         for j in range(kind.steps):
-            d_ids = decode_sub_step_ids(inp["d_ids"], inp["d_n"], j, kind.steps)
-            state, status = allocate_decoding(state, d_ids)   # mirrored: serving/mirror.py
-            ok_j = ok(status)
+            state, ok_j, d_ids, packed, tokens = decode_rows(
+                state, decode_sub_step_ids(inp["d_ids"], inp["d_n"], j, kind.steps), last_tok)
             ok_alloc = ok_alloc & ok_j
-            d_ids = jnp.where(ok_j, d_ids, -1)
-            packed = pack_for_flashinfer(state, d_ids)
-            tokens = last_tok.at[jnp.where(d_ids >= 0, d_ids, drop)].get(mode="fill",
-                                                                         fill_value=0)
-
-            def make_plan(hp, packed):
-                return attention.adopt_plan(hp, packed) if kind.host_plan else \
-                    attention.plan_decode(cache, packed, hq, **plan_kw)
-
-            hp = host_plans[j] if kind.host_plan else None
-            plan = make_plan(hp, packed) if tp is None else tp.plan(make_plan, hp, packed)
+            plan = make_plan(host_plans[j] if kind.host_plan else None, None, packed)
             plan_ok = plan_ok & plan.ok
-
-            def attend_local(q, k, v, kv, layer, packed, plan):
-                kv = attention.append_kv(cache, kv, k, v, packed, layer=layer)
-                out = attention.batch_decode(cache, q, kv, packed, plan=plan, layer=layer)
-                return out.astype(q.dtype), kv
-
-            def attend(q, k, v, kv, layer, packed=packed, plan=plan, attend_local=attend_local):
-                if tp is None:
-                    return attend_local(q, k, v, kv, layer, packed, plan)
-                return tp.attend(full, lambda q, k, v, kv, ex, plan: attend_local(
-                    q, k, v, kv, layer, ex, plan))(q, k, v, kv, packed, plan)
-
-            logits, kv = model.forward(params, tokens, packed.positions, kv, attend,
+            logits, kv = model.forward(params, tokens, packed.positions, kv,
+                                       attend_with(packed, None, packed, plan),
                                        jnp.arange(B, dtype=jnp.int32))
             toks = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"],
                                  inp["seed"], inp["counter"] + j, greedy_only=kind.greedy_only)
