@@ -169,6 +169,8 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
         summ = profile_step.summarize_trace(tdir, 10 * K)
         res["trace"] = summ
         log("  trace (per decode step, all GPUs summed):", json.dumps(summ)[:3000])
+        res["trace_per_device"] = dev = profile_step.per_device(tdir, 10 * K)
+        log("  trace (per decode step, each GPU; host CUDA-graph launches):", json.dumps(dev)[:3000])
     del eng, kv, params
     return res
 
