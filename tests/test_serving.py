@@ -3,6 +3,8 @@ stop conditions, streaming, bad input, cancellation, page leaks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import seqattn_jax as sj
+from seqattn_jax.reference_backend import ReferenceBackend
 from seqattn_jax.serving import Engine, EngineConfig, SamplingParams, sample_tokens
 from seqattn_jax.serving import engine as engine_mod
 from seqattn_jax.serving.mirror import RecordingPrefixCache, mirror_differences
@@ -99,6 +102,44 @@ def test_warmup_compiles_what_serving_runs_and_nothing_else(mixed):
     before = dict(engine_mod.STEP_TRACES)
     eng.generate(_prompts(4, 6), SamplingParams(max_new_tokens=4))
     assert dict(engine_mod.STEP_TRACES) == before
+
+
+class LiveRowsBackend(ReferenceBackend):
+    """The reference backend whose decode host plans are fixed in the step program differently
+    with many and with few live rows, like FlashInfer's CUDA-graph decode plans (which drop the
+    KV split when the live rows fill the GPU): static = ("many",) with >= 3 live rows."""
+
+    def __eq__(self, other):
+        return type(other) is LiveRowsBackend
+
+    def __hash__(self):
+        return hash(LiveRowsBackend)
+
+    def host_plan(self, config, meta, layout):
+        if meta.kind == "decode":
+            live = int(np.count_nonzero(np.diff(layout["indptr"]) > 0))
+            meta = dataclasses.replace(meta, static=("many" if live >= 3 else "few",))
+        return super().host_plan(config, meta, layout)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_warmup_compiles_the_plan_variants_live_rows_select(steps):
+    """A backend whose decode plan (and so the step program) depends on how many rows are live:
+    warm-up compiles each variant serving reaches, including K-step dispatches in which rows that
+    reach max_new_tokens sit out the later sub-steps (live rows drop within the dispatch); the
+    workload's greedy tokens still equal the dense model's."""
+    eng = _engine(backend=LiveRowsBackend(), decode_steps=steps, chunk=18, chunk_buckets=(18,),
+                  prefix_cache=False)
+    eng.warmup()
+    before = dict(engine_mod.STEP_TRACES)
+    prompts = _prompts(11, 4, lo=2, hi=5, prefix_len=0)
+    gen = [5, 6, 8, 12]     # rows end at different sub-steps: 4 -> 3 -> 2 -> 1 live
+    outs = eng.generate(prompts, [SamplingParams(max_new_tokens=n) for n in gen])
+    for p, n, o in zip(prompts, gen, outs):
+        assert list(o) == _reference(p, n)
+    assert dict(engine_mod.STEP_TRACES) == before, "serving compiled a program warm-up did not"
+    mine = {k[2] for k in before if k[6] == LiveRowsBackend() and k[5] == 18}
+    assert any(k.steps == steps for k in mine)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch():

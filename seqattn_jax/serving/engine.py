@@ -435,14 +435,19 @@ class Engine:
         n_p = max(1, min(C[-1], cfg.max_seq_len - 2))
         K = self.config.decode_steps
         kinds = ("prefill", "mixed") if self.config.mixed_steps else ("prefill",)
-        programs = [(k, c, 1, False) for k in kinds for c in C] + [("decode", C[-1], 1, False)]
+        # (kind, chunk, sub-steps, full: 0 = one live row, i > 0 = see below)
+        programs = [(k, c, 1, 0) for k in kinds for c in C] + [("decode", C[-1], 1, 0)]
         if K > 1:
-            programs.append(("decode", C[-1], K, False))
+            programs.append(("decode", C[-1], K, 0))
         if self.config.host_plans and self.B > 1 and cfg.num_pages >= 2 * self.B:
-            # a decode plan with every row live can differ from one with few (FlashInfer's
+            # A decode plan with every row live can differ from one with few (FlashInfer's
             # CUDA-graph plans drop the KV split when the live rows fill the GPU:
-            # bridge/fi_provider.py), and the plan is part of the program: compile both
-            programs += [(n, c, k, True) for n, c, k, _ in programs if n == "decode"]
+            # bridge/fi_provider.py), and the plans are part of the program: compile those too.
+            # In a K-step dispatch rows that reach max_new_tokens sit out the later sub-steps,
+            # so the live rows can drop within it: full = i runs every row through the first i
+            # sub-steps and one row through the rest (i = K: all of them).
+            programs += [(n, c, k, i) for n, c, k, _ in programs if n == "decode"
+                         for i in range(1, k + 1)]
         for greedy in ((True, False) if sampled else (True,)):
             for kind_name, c, steps, full in programs:
                 state = init_state(cfg)
@@ -461,9 +466,12 @@ class Engine:
                 d_lens = np.zeros((steps, self.B), np.int32)
                 if kind.has_decode and full:
                     inp["d_ids"] = self._pad(list(range(self.B)))
-                    d_lens[:] = np.asarray(lens)[None, :] + 1 + np.arange(steps)[:, None]
+                    d_n = np.full((self.B,), full, np.int32)
+                    d_n[0] = steps
+                    j = np.arange(steps)[:, None]
+                    d_lens[:] = np.where(j < d_n[None, :], np.asarray(lens)[None, :] + 1 + j, 0)
                     if steps > 1:
-                        inp["d_n"] = np.full((self.B,), steps, np.int32)
+                        inp["d_n"] = d_n
                 elif kind.has_decode:
                     d = 1 if len(lens) > 1 and kind.has_prefill else 0
                     inp["d_ids"] = self._pad([d])
