@@ -188,7 +188,7 @@ def whole_kv_per_cta(indptr, num_kv_heads: int, num_sms: int) -> bool:
     (`benchmarks/decode_kernel_probe.py`, run Q) the unsplit plan is 5-16 % faster at the
     engine's decode shapes (batch 64-256, ctx 320-1024). With few live requests the split stays:
     it spreads a long context over the SMs. The choice is in plan_info, so each has its own step
-    program (the engine's warm-up compiles both)."""
+    program (the engine's warm-up compiles every combination a K-step dispatch can reach)."""
     live = int(np.count_nonzero(np.diff(np.asarray(indptr)) > 0))
     return live * num_kv_heads >= num_sms
 
