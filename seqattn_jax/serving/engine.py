@@ -150,13 +150,25 @@ class EngineStats:
     receive_s: float = 0.0
 
 
+def _sampling_row(sp: SamplingParams | None) -> tuple:
+    """(temperature, top_k, top_p, seed mod 2**32) of one step row; None: a greedy padding row.
+    Float64 holds each exactly (seeds < 2**32)."""
+    if sp is None:
+        return _PAD_ROW
+    return (sp.temperature, sp.top_k, sp.top_p, sp.seed % (1 << 32))
+
+
+_PAD_ROW = (0.0, 0, 1.0, 0)   # SamplingParams()'s: greedy
+
+
 class _Request:
     __slots__ = ("id", "prompt", "sampling", "handle", "on_token", "slot", "prefilled", "kv_len",
                  "n_sched", "tokens", "finish_reason", "error", "cancelled", "released", "cached",
-                 "indexed", "t_submit")
+                 "indexed", "t_submit", "srow")
 
     def __init__(self, rid, prompt, sampling, on_token):
         self.id, self.prompt, self.sampling, self.on_token = rid, prompt, sampling, on_token
+        self.srow = _sampling_row(sampling)   # the step's per-row sampling inputs, made once
         self.slot = -1
         self.prefilled = 0        # prompt tokens in the KV cache or scheduled into a dispatched chunk
         self.kv_len = 0           # KV length after every dispatched step
@@ -315,6 +327,9 @@ class Engine:
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: dict[int, _Request] = {}          # slot -> request
+        # slot -> the running requests whose prompt is not all scheduled yet, in admission order:
+        # the prefill planner looks at these only (not at every decoding row each step)
+        self._prefilling: dict[int, _Request] = {}
         self._free_slots = list(range(self.B))
         self._pending: collections.deque[_Pending] = collections.deque()
         self._checks: list = []                          # device ok flags of async ops, checked lazily
@@ -578,6 +593,7 @@ class Engine:
             self._release_slots(done)
         for r in [r for r in self._running.values() if r.released]:
             del self._running[r.slot]
+            self._prefilling.pop(r.slot, None)
             self._free_slots.append(r.slot)
         # 2. index the full pages of prompts whose prefill has been dispatched
         if self.pc is not None:
@@ -655,6 +671,8 @@ class Engine:
             r.cached = r.prefilled = c
             r.kv_len = c
             self.stats.reused_tokens += c
+            if not r.prompt_done:
+                self._prefilling[r.slot] = r
         self.stats.peak_running = max(self.stats.peak_running, len(self._running))
 
     def _release_slots(self, reqs: list[_Request]) -> None:
@@ -688,7 +706,7 @@ class Engine:
     def _plan_prefill(self):
         """The next prefill chunk: [(request, n tokens)], oldest admitted first."""
         room, work = self.config.chunk, []
-        for r in self._running.values():
+        for r in self._prefilling.values():
             if room == 0 or len(work) == self.Bp:
                 break
             if r.finished or r.prompt_done:
@@ -722,7 +740,7 @@ class Engine:
     def _launch(self, kind_name: str, prefill, decode, steps: int = 1) -> None:
         cfg, B, Bp = self.cache, self.B, self.Bp
         rows: list[tuple[int, _Request]] = []
-        samplers: list[SamplingParams | None] = []
+        srows: list[tuple] = []     # per output row: `_sampling_row`
         counters: list[int] = []
         inp: dict[str, np.ndarray] = {}
         C = self._bucket(sum(n for _, n in prefill)) if prefill else self.config.chunk
@@ -737,8 +755,10 @@ class Engine:
                 emit.append(r.slot if last else -1)
                 r.prefilled += n
                 r.kv_len = max(r.kv_len, r.prefilled)
+                if last:
+                    del self._prefilling[r.slot]
                 self.stats.prefill_tokens += n
-                samplers.append(r.sampling)
+                srows.append(r.srow)
                 counters.append(0)
                 if last:
                     rows.append((i, r))
@@ -748,7 +768,7 @@ class Engine:
             t[:cat.size] = cat
             inp.update(p_tokens=t, p_ids=self._padp(ids), p_new=self._padp(new, 0),
                        p_end=self._padp(end, 0), p_emit=self._padp(emit))
-            samplers += [None] * (Bp - len(prefill))
+            srows += [_PAD_ROW] * (Bp - len(prefill))
             counters += [0] * (Bp - len(prefill))
         host_plan = None
         if decode:
@@ -767,8 +787,6 @@ class Engine:
             lens[:, :nd] = np.where(j < d_n[:nd], kv0 + j + 1, 0)
             # the sub-steps' allocate_decoding take the pages that growing to kv0 + n needs
             self._free -= int(np.sum(cfg.pages_for(kv0 + d_n[:nd]) - cfg.pages_for(kv0)))
-            d_samplers: list[SamplingParams | None] = [r.sampling for r in decode] + \
-                [None] * (B - nd)
             d_counters = [r.n_sched for r in decode] + [0] * (B - nd)
             for r, n in zip(decode, ns):
                 r.kv_len += n
@@ -779,11 +797,12 @@ class Engine:
             inp["d_ids"] = d_ids
             if steps > 1:
                 inp["d_n"] = d_n
-            samplers += d_samplers
+            srows += [r.srow for r in decode] + [_PAD_ROW] * (B - nd)
             counters += d_counters
             self.stats.decode_rows += int(d_n.sum())
         use_host_plan = self.config.host_plans
-        kind = StepKind(kind_name, greedy_only=all(s is None or s.greedy for s in samplers),
+        sampling = self._sampling_inputs(srows, counters)
+        kind = StepKind(kind_name, greedy_only=not np.any(sampling["temperature"] > 0),
                         host_plan=use_host_plan, steps=steps)
         if use_host_plan:
             if steps > 1:
@@ -791,7 +810,7 @@ class Engine:
                                   for j in range(steps))
             else:
                 host_plan = self._host_plan(kind_name, inp, lens[0] if decode else None, C)
-        inp.update(self._sampling_arrays(samplers, counters))
+        inp.update(sampling)
         flat, host_plan = fold_host_plan(pack_inputs(step_inputs_spec(kind, B, Bp, C), inp),
                                          host_plan)
         fn = self._step_fn(kind, C)
@@ -833,12 +852,15 @@ class Engine:
         return out
 
     def _sampling_arrays(self, samplers, counters) -> dict[str, np.ndarray]:
-        g = SamplingParams()
-        ss = [g if s is None else s for s in samplers]
-        return dict(temperature=np.asarray([s.temperature for s in ss], np.float32),
-                    top_k=np.asarray([s.top_k for s in ss], np.int32),
-                    top_p=np.asarray([s.top_p for s in ss], np.float32),
-                    seed=np.asarray([s.seed % (1 << 32) for s in ss], np.uint32),
+        """The step's sampling inputs for rows of `SamplingParams` (None: a greedy padding row)."""
+        return self._sampling_inputs([_sampling_row(s) for s in samplers], counters)
+
+    @staticmethod
+    def _sampling_inputs(srows, counters) -> dict[str, np.ndarray]:
+        """The step's sampling inputs from per-row `_sampling_row` tuples: one array build."""
+        a = np.array(srows, np.float64).reshape(-1, 4)
+        return dict(temperature=a[:, 0].astype(np.float32), top_k=a[:, 1].astype(np.int32),
+                    top_p=a[:, 2].astype(np.float32), seed=a[:, 3].astype(np.uint32),
                     counter=np.asarray(counters, np.int32))
 
     # ------------------------------------------------------------------------ read-back
