@@ -17,6 +17,8 @@ same model with the same weights, with the HBM floor, in one run on one GPU.
           (batch POD) vs a prefill step then a decode step (engine-level, same work per iteration)
   e2e     the README's GPU example command: generated tokens/s of examples/decode.py now, against
           the code before the serving engine (a checkout of it passed with --legacy DIR)
+  host    the engine's own host work per decode step at a full batch (a step program that does
+          nothing on the device; any machine): what a served step costs the host beside the GPU
 
 Writes `serve_<section>_<gpu>.json` under --out and prints tables.
 """
@@ -27,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import re
 import runpy
 import statistics
@@ -236,6 +239,39 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
     return res
 
 
+def bench_host(batch: int, decode_steps: int, n_steps: int = 200) -> dict:
+    """The engine's own host work per decode step at a full batch: the tiny model's engine with a
+    step program that does nothing on the device (it hands back the pool, state and tokens it
+    got), so what is timed is `Engine.step`'s Python and numpy alone: scheduling, bookkeeping,
+    host plans (the reference backend's) and reading the step's output."""
+    from seqattn_jax.serving.step import num_out_rows  # noqa: PLC0415
+
+    cfg, ctx = SHAPES["tiny"]
+    eng = _engine(cfg, init_params(cfg, 0), batch, ctx, extra_tokens=8 * n_steps + 64,
+                  decode_steps=decode_steps, mixed_steps=False, backend="reference")
+    _fill(eng, batch, ctx, max_new=8 * n_steps + 32)
+    jax.block_until_ready(eng.last_tok)
+    outs = {}
+
+    def idle_step_fn(kind, c):
+        r = num_out_rows(kind, eng.B, eng.Bp) * kind.steps
+        if r not in outs:   # sampled tokens 0, allocation and plan checks passed
+            outs[r] = jax.numpy.asarray(np.r_[np.zeros(r, np.int32), [1, 1]].astype(np.int32))
+        return lambda params, kv, state, last_tok, flat, hp: (kv, state, last_tok, outs[r])
+
+    eng._step_fn = idle_step_fn
+    for _ in range(5):
+        eng.step()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n_steps // decode_steps):
+            eng.step()
+        times.append((time.perf_counter() - t0) / (n_steps // decode_steps * decode_steps))
+    return dict(batch=batch, decode_steps=decode_steps,
+                host_ms_per_decode_step=1e3 * statistics.median(times))
+
+
 def bench_mixed(shape: str, batch: int, chunk: int, n_prompts: int) -> dict:
     """Per-iteration time with a prefill chunk and a full decode batch, mixed vs separate."""
     cfg, ctx = SHAPES[shape]
@@ -307,7 +343,7 @@ def bench_e2e(legacy: str | None) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("sections", nargs="+", choices=("all", "decode", "mixed", "e2e"))
+    ap.add_argument("sections", nargs="+", choices=("all", "decode", "mixed", "e2e", "host"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
@@ -354,6 +390,12 @@ def main(argv=None):
                 f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
                 f"{r['served_ms'] / r['hbm_floor_ms']:12.2f} "
                 f"{r['served_ms'] / r['device_bound_ms']:12.2f}")
+    if "host" in secs:
+        rows = [bench_host(b, k) for b in a.batches for k in a.decode_steps]
+        results["host"] = rows
+        log(f"\nthe engine's own host work per decode step (no device work; {platform.processor() or 'cpu'})")
+        for r in rows:
+            log(f"  batch {r['batch']:4d}, K={r['decode_steps']}: {r['host_ms_per_decode_step']:.3f} ms")
     if "mixed" in secs:
         r = bench_mixed(a.shapes[0], 64, 512, 24)
         results["mixed"] = r

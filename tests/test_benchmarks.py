@@ -75,3 +75,15 @@ def test_profile_step_per_device_timeline_of_a_synthetic_trace(tmp_path):
     assert g0["gaps"] == [("gemm -> gemm", 5.0, 0.5), ("gemm -> nccl", 2.5, 0.5)]
     assert (g1["busy_us_per_step"], g1["idle_us_per_step"], g1["kernels_per_step"]) == (17.5, 10.0, 1.0)
     assert d["graph_launches_per_step_per_gpu"] == 1.0      # 4 launches, 2 steps, 2 GPUs
+
+
+def test_serve_bench_host_section_times_the_engine_alone(tmp_path):
+    """`serve_bench.py host`: the engine's host work per decode step, with a step program that does
+    nothing on the device, for each batch and K."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "host",
+                          "--batches", "4", "--decode-steps", "1", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("serve_host_*.json")).read_text())
+    assert [(r["batch"], r["decode_steps"]) for r in rows] == [(4, 1), (4, 2)]
+    assert all(0 < r["host_ms_per_decode_step"] < 1e3 for r in rows)
