@@ -164,11 +164,13 @@ _PAD_ROW = (0.0, 0, 1.0, 0)   # SamplingParams()'s: greedy
 class _Request:
     __slots__ = ("id", "prompt", "sampling", "handle", "on_token", "slot", "prefilled", "kv_len",
                  "n_sched", "tokens", "finish_reason", "error", "cancelled", "released", "cached",
-                 "indexed", "t_submit", "srow")
+                 "indexed", "t_submit", "srow", "plen", "max_new")
 
     def __init__(self, rid, prompt, sampling, on_token):
         self.id, self.prompt, self.sampling, self.on_token = rid, prompt, sampling, on_token
         self.srow = _sampling_row(sampling)   # the step's per-row sampling inputs, made once
+        # read by the scheduler for every running request every step: plain attributes
+        self.plen, self.max_new = len(prompt), sampling.max_new_tokens
         self.slot = -1
         self.prefilled = 0        # prompt tokens in the KV cache or scheduled into a dispatched chunk
         self.kv_len = 0           # KV length after every dispatched step
@@ -190,7 +192,7 @@ class _Request:
 
     @property
     def prompt_done(self) -> bool:
-        return self.prefilled >= len(self.prompt)
+        return self.prefilled >= self.plen
 
     @property
     def finished(self) -> bool:
@@ -583,18 +585,19 @@ class Engine:
         # (a request whose every token is dispatched gives its slot back now: the release runs on
         # the device after those steps, as the state threads through them, and its last tokens
         # still arrive through the pending steps)
-        done = [r for r in self._running.values() if not r.released and (
-            r.finished or (r.prompt_done and r.n_sched >= r.sampling.max_new_tokens))]
+        # (only here are slots released, and released requests leave `_running` right away, so
+        # every running request holds its slot; one pass over them per step)
+        done = [r for r in self._running.values() if r.finish_reason is not None or (
+            r.prefilled >= r.plen and r.n_sched >= r.max_new)]
         # With the prefix cache a release is a host call (on the CPU mirror, replayed on the
         # device). While no request waits for a slot or pages, nothing needs them: release in
         # one batch when one does, or when no running request has work left.
-        if done and (self.pc is None or self._waiting or len(done) == len(
-                [r for r in self._running.values() if not r.released])):
+        if done and (self.pc is None or self._waiting or len(done) == len(self._running)):
             self._release_slots(done)
-        for r in [r for r in self._running.values() if r.released]:
-            del self._running[r.slot]
-            self._prefilling.pop(r.slot, None)
-            self._free_slots.append(r.slot)
+            for r in done:
+                del self._running[r.slot]
+                self._prefilling.pop(r.slot, None)
+                self._free_slots.append(r.slot)
         # 2. index the full pages of prompts whose prefill has been dispatched
         if self.pc is not None:
             fresh = [r for r in self._running.values()
@@ -718,9 +721,9 @@ class Engine:
 
     def _dispatch(self) -> bool:
         prefill = self._plan_prefill()
-        decode = [r for r in self._running.values()
-                  if r.prompt_done and not r.finished and not r.released
-                  and r.n_sched < r.sampling.max_new_tokens and r.n_sched > 0]
+        decode = [r for r in self._running.values()   # every one holds its slot (`_events`)
+                  if r.prefilled >= r.plen and r.finish_reason is None
+                  and 0 < r.n_sched < r.max_new]
         if not prefill and not decode:
             return False
         if prefill and decode and self.config.mixed_steps:
@@ -732,7 +735,7 @@ class Engine:
                 # K steps at once when no prefill waits for a step and no slot frees up for a
                 # waiting request within them (a stop token may still end one earlier)
                 K = self.config.decode_steps
-                left = min(r.sampling.max_new_tokens - r.n_sched for r in decode)
+                left = min(r.max_new - r.n_sched for r in decode)
                 k = K if K > 1 and not prefill and (not self._waiting or left >= K) else 1
                 self._launch("decode", [], decode, steps=k)
         return True
@@ -775,7 +778,7 @@ class Engine:
             off = Bp if prefill else 0
             nd = len(decode)
             # sub-steps each row runs (multi-step decode: none past its max_new_tokens)
-            ns = [min(steps, r.sampling.max_new_tokens - r.n_sched) for r in decode]
+            ns = [min(steps, r.max_new - r.n_sched) for r in decode]
             kv0 = np.fromiter((r.kv_len for r in decode), np.int64, nd)
             d_ids = np.full((B,), -1, np.int32)
             d_ids[:nd] = [r.slot for r in decode]
