@@ -202,7 +202,6 @@ class FlashInferProvider:
     def __init__(self):
         self._float_ws: dict[tuple[str, int], torch.Tensor] = {}
         self._lock = threading.Lock()
-        self._sms: dict[int | None, int] = {}   # streaming multiprocessors per device index
 
     def unsupported(self, kind, options):
         return None
@@ -230,6 +229,7 @@ class FlashInferProvider:
         st.sliding = key.window_left != -1
         st.softcap = key.logits_soft_cap > 0
         st.pdl = bool(fi.utils.device_support_pdl(dev))
+        st.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         st.float_ws = self.float_workspace(dev)
         st.int_ws = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, device=dev)
         st.pinned = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, pin_memory=True)
@@ -258,8 +258,7 @@ class FlashInferProvider:
             st.float_ws_p, st.float_ws_d = torch.chunk(ws, 2, dim=0)
             st.int_ws_p = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, device=dev)
             st.pinned_p = torch.empty(_INT_WS_BYTES, dtype=torch.uint8, pin_memory=True)
-            props = torch.cuda.get_device_properties(dev)
-            st.sm_aware_sched = torch.empty(props.multi_processor_count + 2, dtype=torch.int32,
+            st.sm_aware_sched = torch.empty(st.num_sms + 2, dtype=torch.int32,
                                             device=dev)
         if key.kind in ("decode", "prefill", "pod"):
             st.page = _page_module()
@@ -289,12 +288,6 @@ class FlashInferProvider:
             key.num_kv_heads, key.page_size, cuda_graph, key.head_dim, key.head_dim, causal,
             key.window_left, -1, disable_split_kv, num_colocated, 0)
 
-    def _num_sms(self, dev) -> int:
-        n = self._sms.get(dev.index)
-        if n is None:
-            n = self._sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-        return n
-
     def _plan_decode(self, st, key, host, float_ws, int_ws, pinned, cuda_graph=False):
         if key.decode_kernel == "cuda_core" and key.kind == "decode":
             return st.module.plan(
@@ -305,13 +298,8 @@ class FlashInferProvider:
         return self._plan_prefill_like(st, key, float_ws, int_ws, pinned, st.arange_qo_host,
                                        host["indptr"], host["lpl"], key.batch_size, False,
                                        cuda_graph=cuda_graph,
-                                       disable_split_kv=cuda_graph and self._whole_kv_per_cta(
-                                           st, key, host["indptr"]))
-
-    def _whole_kv_per_cta(self, st, key, indptr) -> bool:
-        if st.device.type != "cuda":
-            return False
-        return whole_kv_per_cta(indptr, key.num_kv_heads, self._num_sms(st.device))
+                                       disable_split_kv=cuda_graph and whole_kv_per_cta(
+                                           host["indptr"], key.num_kv_heads, st.num_sms))
 
     def plan(self, slot, host, int_ws, pinned, cuda_graph: bool = False):
         """Plan from the host arrays into `int_ws` (the slot's own workspaces, or a host plan's
