@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import time_torch  # noqa: E402  (benchmarks/bench.py: CUDA events over n calls, median)
+
+from seqattn_jax.bridge.backend import CUDA_CORE_GROUP_SIZES  # noqa: E402  (the kernel's DISPATCH_GQA)
 
 SHAPES = {
     "small_b64": (64, 320, 16, 4, 128),
@@ -58,7 +61,7 @@ def probe(name, shape, n=100, reps=5):
                 ("tc_graph_nosplit", True, True, True), ("tc_nosplit", True, False, True),
                 ("cuda_core", False, False, False), ("cuda_core_graph", False, True, False)]
     for vname, tc, graph, nosplit in variants:
-        if not tc and hq // hkv not in (1, 2, 3, 4, 6, 8, 16):
+        if not tc and hq // hkv not in CUDA_CORE_GROUP_SIZES:
             continue
         try:
             ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
