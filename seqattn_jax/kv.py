@@ -17,7 +17,7 @@ from seqattn_jax.config import CacheConfig
 from seqattn_jax.packing import PackedBatch
 from seqattn_jax.validation import check_config, check_layer, check_pool, check_row_dtype, check_same_pages
 
-__all__ = ["append_kv", "check_pool", "check_rows", "copy_pages", "init_kv", "scrub_pages", "stacked_rows"]
+__all__ = ["check_pool", "check_rows", "copy_pages", "init_kv", "scatter_kv", "scrub_pages", "stacked_rows"]
 
 
 def init_kv(config: CacheConfig) -> jax.Array:

@@ -353,7 +353,7 @@ def test_decode_step_in_one_jit_copies_no_page(bridge, use_scan, append_impl):
     ref_step = _decode_step(cfg, use_scan, "reference")
     ref_state, ref_kv = state, kv + 0
     for it in range(3):
-        n = n_req + 1
+        n = seq_ids.shape[0]
         q = rand(rng, (cfg.num_layers, n, HQ, D))
         k, v = rand(rng, (cfg.num_layers, n, HKV, D)), rand(rng, (cfg.num_layers, n, HKV, D))
         ptr = kv.unsafe_buffer_pointer()
