@@ -155,6 +155,26 @@ def device_bound_loop(eng: Engine, steps: int = 1):
     return run
 
 
+MIN_DISPATCHES = 6
+
+
+def dispatches_per_repeat(n_steps: int, decode_steps: int) -> int:
+    """Step programs per timed repeat of `time_steps`: about `n_steps / 3` steps, and at least
+    `MIN_DISPATCHES` programs. A repeat starts from an idle GPU (the previous one ended with a
+    block), so its first program's host work (host plans, XLA's command-buffer update and launch:
+    ~5 ms for a K=4 program of the 1.2B shape on an H200) is not hidden behind a running one;
+    with two programs a repeat, as `--steps 24` at K=4 gave before, that start cost was spread
+    over 8 steps and added ~0.4 ms to each (run S2: device-bound 2.40 ms over 2 programs, 1.99 ms
+    over 5)."""
+    return max(MIN_DISPATCHES, n_steps // 3 // decode_steps)
+
+
+def measured_steps(n_steps: int, decode_steps: int) -> int:
+    """Decode steps `time_steps` runs in all (served, device-bound warm-up, device-bound)."""
+    n = dispatches_per_repeat(n_steps, decode_steps)
+    return decode_steps * (3 * n + 1 + 3 * n)
+
+
 def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1,
                trace_dir: str | None = None) -> tuple[float, float, object]:
     """(served ms, device-bound ms, the pool afterwards) per decode step of an engine whose
@@ -163,12 +183,13 @@ def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1,
     about `n_steps / 3` steps. `trace_dir`: then also 10 device-bound dispatches under
     `jax.profiler` there. The engine cannot serve afterwards (its buffers were donated)."""
     K, batch = decode_steps, len(eng._running)
+    n = dispatches_per_repeat(n_steps, K)
     served = []
     for _ in range(3):
         jax.block_until_ready(eng.last_tok)
         rows0 = eng.stats.decode_rows
         t0 = time.perf_counter()
-        for _ in range(max(1, n_steps // 3 // K)):
+        for _ in range(n):
             eng.step()
         jax.block_until_ready(eng.last_tok)
         served.append((time.perf_counter() - t0) / ((eng.stats.decode_rows - rows0) / batch))
@@ -176,7 +197,6 @@ def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1,
     run(1)
     bound = []
     for _ in range(3):
-        n = max(1, n_steps // 3 // K)
         t0 = time.perf_counter()
         kv = run(n)
         bound.append((time.perf_counter() - t0) / (n * K))
@@ -206,13 +226,23 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
     cfg, ctx = SHAPES[shape]
     params = init_params(cfg, 0) if params is None else params
     K = decode_steps
-    eng = _engine(cfg, params, batch, ctx, extra_tokens=4 * n_steps * K + 64,
+    # The timed steps grow every request's context by G tokens; prompts start G/2 short of `ctx`
+    # so that the timed steps read `ctx` tokens on average, as torch's graph and the floor do.
+    G = measured_steps(n_steps, K) + 3 * K   # + the fill's last 3 steps
+    start = max(2, ctx - G // 2)
+    # Slack: a request whose prompt ends early in the fill decodes (K tokens a step) while the
+    # others prefill, up to one step per prefill chunk.
+    fill_decode = K * -(-batch * start // 512)
+    eng = _engine(cfg, params, batch, start, extra_tokens=G + fill_decode + 64,
                   backend=_backend(graphs), decode_steps=K, decode_kernel=decode_kernel,
                   mixed_steps=False)   # the fill needs no batch-POD kernel: decode is measured
-    _fill(eng, batch, ctx, max_new=4 * n_steps * K + 32)
+    _fill(eng, batch, start, max_new=G + fill_decode + 32)
+    lens = np.asarray([r.kv_len for r in eng._running.values()])
     served_ms, bound_ms, _ = time_steps(eng, n_steps, K)
     res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
                decode_kernel=decode_kernel,
+               kv_len_timed=dict(min=int(lens.min()), mean=float(lens.mean()) + G / 2,
+                                 max=int(lens.max()) + G),
                served_ms=served_ms, device_bound_ms=bound_ms,
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng

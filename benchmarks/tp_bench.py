@@ -125,8 +125,11 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     mesh = sharding.tp_mesh(n, devices=devices)
     params = random_params(cfg, mesh)
     K = decode_steps
-    extra = 4 * n_steps * K + 64
-    pages_per_seq = -(-(ctx + extra) // PS) + 1
+    # prompts start G/2 short of ctx: the timed steps read ctx tokens on average (serve_bench.py)
+    G = serve_bench.measured_steps(n_steps, K) + 3 * K
+    start = max(2, ctx - G // 2)
+    extra = G + 4 * n_steps * K + 64   # slack: prompts that end early decode during the fill
+    pages_per_seq = -(-(start + extra) // PS) + 1
     cache = sj.CacheConfig(num_pages=batch * pages_per_seq + 64, page_size=PS,
                            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_seqs=batch,
                            max_pages_per_seq=pages_per_seq, num_layers=cfg.num_layers,
@@ -142,20 +145,21 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     log(f"  {n} GPU(s), batch {batch}: warm-up {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     for _ in range(batch):
-        eng.submit(rng.integers(0, cfg.vocab_size, size=ctx - 1),
-                   SamplingParams(max_new_tokens=4 * n_steps * K + 32))
+        eng.submit(rng.integers(0, cfg.vocab_size, size=start - 1),
+                   SamplingParams(max_new_tokens=extra - 32))
     t0 = time.perf_counter()
     while any(not r.prompt_done for r in eng._running.values()) or eng._waiting:
         eng.step()
     for _ in range(3):
         eng.step()
-    log(f"  prefill of {batch} x {ctx - 1} tokens: {time.perf_counter() - t0:.1f} s")
+    log(f"  prefill of {batch} x {start - 1} tokens: {time.perf_counter() - t0:.1f} s")
     # served and device-bound per decode step: the same measurement as serve_bench.py's
     tdir = None if not trace_dir else str(Path(trace_dir) / f"tp{n}_b{batch}")
     served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps, K, trace_dir=tdir)
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
-    res = dict(gpus=n, batch=batch, ctx=ctx, transport=transport, decode_steps=K,
+    res = dict(gpus=n, batch=batch, ctx=ctx, ctx_timed=[start, start + G], transport=transport,
+               decode_steps=K,
                served_ms=served_ms,
                device_bound_ms=bound_ms,
                tok_s_device_bound=batch / bound_ms * 1e3, tok_s_served=batch / served_ms * 1e3,
