@@ -4,8 +4,8 @@ beside torch's cuBLAS, per call, at the engine's shapes, with the HBM floor of e
 A decode step's matmuls are [B, d] x [d, n] with B = the batch: they read the weight once and are
 memory-bound, so each has a floor of (weight bytes / HBM bandwidth). The probe runs `--reps`
 different weights of each shape in one jitted program (their total is far past the 50 MB L2, as a
-model's layers are) and reports microseconds per matmul: wall time of back-to-back calls for XLA,
-CUDA events for torch. Run it twice to compare XLA's choices, e.g. with
+model's layers are) and reports microseconds per matmul: wall time of back-to-back calls for XLA (best
+of 3), CUDA events for torch (median of 3). Run it twice to compare XLA's choices, e.g. with
 `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false` (cuBLAS only).
 
     python3 benchmarks/gemm_probe.py [--shapes 1b 8b] [--batches 64 256] [--out FILE.json]
@@ -26,6 +26,10 @@ runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardi
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from bench import time_torch as _cuda_events  # noqa: E402  (benchmarks/bench.py: median of CUDA-event timings)
 
 HBM_BW = 4.3e12
 # (d_model, q heads x head_dim, kv heads x head_dim, ffn, vocab): the serving benchmarks' shapes
@@ -75,18 +79,7 @@ def time_torch(b, k, n, out, reps, iters):
     def f():
         return [(h @ w).float() if out == "float32" else h @ w for w in ws]
 
-    f()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            f()
-        e.record()
-        torch.cuda.synchronize()
-        best = min(best, s.elapsed_time(e) * 1e3 / iters / reps)
-    return best
+    return _cuda_events(f, iters, repeats=3) * 1e6 / reps
 
 
 def main(argv=None):
