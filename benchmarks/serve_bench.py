@@ -175,6 +175,26 @@ def measured_steps(n_steps: int, decode_steps: int) -> int:
     return decode_steps * (3 * n + 1 + 3 * n)
 
 
+def timed_fill(ctx: int, batch: int, n_steps: int, decode_steps: int, chunk: int = 512):
+    """(start, G, extra) for an engine timed by `time_steps`: the timed steps (and the fill's last
+    3) grow every request by G tokens, so prompts of `start - 1` tokens, G/2 short of `ctx`, make
+    them read `ctx` tokens on average, as torch's graph and the floor do. `extra` is the tokens a
+    request may add after its prompt (its `max_new_tokens` is `extra - 32`): G, plus the slack for
+    a request whose prompt ends early in the fill and decodes (K tokens a step) while the others
+    prefill, up to one step per `chunk`-token prefill chunk."""
+    K = decode_steps
+    G = measured_steps(n_steps, K) + 3 * K
+    start = max(2, ctx - G // 2)
+    return start, G, G + K * -(-batch * start // chunk) + 64
+
+
+def kv_len_timed(eng: Engine, G: int) -> dict:
+    """The running requests' KV lengths over the G timed steps (min at the start, mean over the
+    steps, max at the end), called before them."""
+    lens = np.asarray([r.kv_len for r in eng._running.values()])
+    return dict(min=int(lens.min()), mean=float(lens.mean()) + G / 2, max=int(lens.max()) + G)
+
+
 def time_steps(eng: Engine, n_steps: int, decode_steps: int = 1,
                trace_dir: str | None = None) -> tuple[float, float, object]:
     """(served ms, device-bound ms, the pool afterwards) per decode step of an engine whose
@@ -226,23 +246,15 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
     cfg, ctx = SHAPES[shape]
     params = init_params(cfg, 0) if params is None else params
     K = decode_steps
-    # The timed steps grow every request's context by G tokens; prompts start G/2 short of `ctx`
-    # so that the timed steps read `ctx` tokens on average, as torch's graph and the floor do.
-    G = measured_steps(n_steps, K) + 3 * K   # + the fill's last 3 steps
-    start = max(2, ctx - G // 2)
-    # Slack: a request whose prompt ends early in the fill decodes (K tokens a step) while the
-    # others prefill, up to one step per prefill chunk.
-    fill_decode = K * -(-batch * start // 512)
-    eng = _engine(cfg, params, batch, start, extra_tokens=G + fill_decode + 64,
+    start, G, extra = timed_fill(ctx, batch, n_steps, K, chunk=512)
+    eng = _engine(cfg, params, batch, start, extra_tokens=extra, chunk=512,
                   backend=_backend(graphs), decode_steps=K, decode_kernel=decode_kernel,
                   mixed_steps=False)   # the fill needs no batch-POD kernel: decode is measured
-    _fill(eng, batch, start, max_new=G + fill_decode + 32)
-    lens = np.asarray([r.kv_len for r in eng._running.values()])
+    _fill(eng, batch, start, max_new=extra - 32)
+    lens = kv_len_timed(eng, G)
     served_ms, bound_ms, _ = time_steps(eng, n_steps, K)
     res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
-               decode_kernel=decode_kernel,
-               kv_len_timed=dict(min=int(lens.min()), mean=float(lens.mean()) + G / 2,
-                                 max=int(lens.max()) + G),
+               decode_kernel=decode_kernel, kv_len_timed=lens,
                served_ms=served_ms, device_bound_ms=bound_ms,
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng

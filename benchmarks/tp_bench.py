@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import seqattn_jax as sj  # noqa: E402
 from seqattn_jax import sharding  # noqa: E402
 from seqattn_jax.models.llama import LlamaConfig, LlamaModel, param_shapes  # noqa: E402
-from seqattn_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
+from seqattn_jax.serving import Engine, EngineConfig  # noqa: E402
 
 import serve_bench  # noqa: E402  (benchmarks/serve_bench.py: the step timing)
 
@@ -125,10 +125,8 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     mesh = sharding.tp_mesh(n, devices=devices)
     params = random_params(cfg, mesh)
     K = decode_steps
-    # prompts start G/2 short of ctx: the timed steps read ctx tokens on average (serve_bench.py)
-    G = serve_bench.measured_steps(n_steps, K) + 3 * K
-    start = max(2, ctx - G // 2)
-    extra = G + 4 * n_steps * K + 64   # slack: prompts that end early decode during the fill
+    chunk = min(2048, batch * ctx)
+    start, G, extra = serve_bench.timed_fill(ctx, batch, n_steps, K, chunk)
     pages_per_seq = -(-(start + extra) // PS) + 1
     cache = sj.CacheConfig(num_pages=batch * pages_per_seq + 64, page_size=PS,
                            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, max_seqs=batch,
@@ -136,29 +134,23 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
                            dtype=cfg.dtype)
     model = LlamaModel(cfg, tp=n)
     eng = Engine(model, params, cache, EngineConfig(
-        chunk=min(2048, batch * ctx), prefix_cache=False,
+        chunk=chunk, prefix_cache=False,
         mixed_steps=False,   # decode is measured: no batch-POD programs to compile
         backend=_backend(n, mesh, transport, provider),
         mesh=mesh if n > 1 else None, decode_steps=K))
     t0 = time.perf_counter()
     eng.warmup()
     log(f"  {n} GPU(s), batch {batch}: warm-up {time.perf_counter() - t0:.1f} s")
-    rng = np.random.default_rng(0)
-    for _ in range(batch):
-        eng.submit(rng.integers(0, cfg.vocab_size, size=start - 1),
-                   SamplingParams(max_new_tokens=extra - 32))
     t0 = time.perf_counter()
-    while any(not r.prompt_done for r in eng._running.values()) or eng._waiting:
-        eng.step()
-    for _ in range(3):
-        eng.step()
+    serve_bench._fill(eng, batch, start, max_new=extra - 32)
+    lens = serve_bench.kv_len_timed(eng, G)
     log(f"  prefill of {batch} x {start - 1} tokens: {time.perf_counter() - t0:.1f} s")
     # served and device-bound per decode step: the same measurement as serve_bench.py's
     tdir = None if not trace_dir else str(Path(trace_dir) / f"tp{n}_b{batch}")
     served_ms, bound_ms, kv = serve_bench.time_steps(eng, n_steps, K, trace_dir=tdir)
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
-    res = dict(gpus=n, batch=batch, ctx=ctx, ctx_timed=[start, start + G], transport=transport,
+    res = dict(gpus=n, batch=batch, ctx=ctx, kv_len_timed=lens, transport=transport,
                decode_steps=K,
                served_ms=served_ms,
                device_bound_ms=bound_ms,
