@@ -12,8 +12,9 @@ For each (GPUs, batch), `batch` requests of `ctx - 1` prompt tokens are prefille
   device-bound  the same jitted decode step dispatched back to back (host plan per step, nothing
                 read back until the end)
   tok/s         batch / device-bound step time (and / served)
-  HBM floor     per GPU: its share of the layer weights (1/N), the replicated lm_head, and its
-                share of the batch's KV (1/N), read once per step at 4.3 TB/s
+  HBM floor     per GPU: its share of the layer weights (1/N), of the lm_head (1/N: split by
+                vocabulary, `sharding.llama_param_shardings`) and of the batch's KV (1/N), read
+                once per step at 4.3 TB/s
 and, on 2 GPUs, the all-reduce of one layer's activations ([batch, d] float16, two per layer:
 after wo and after w_down) timed alone, 64 in a row in one program (`allreduce_us` each, `per_layer_us` for
 the two, `per_step_ms` for 32 layers).
@@ -72,10 +73,12 @@ def log(*a):
 
 
 def hbm_floor_ms(cfg: LlamaConfig, batch: int, ctx: int, n: int, bytes_per=2) -> float:
-    """Per GPU: 1/n of the layer weights + the replicated lm_head + 1/n of the KV, at HBM_BW."""
+    """Per GPU: 1/n of the layer weights + the lm_head (1/n when n divides the vocabulary, as
+    `sharding.llama_param_shardings` splits it; else all of it) + 1/n of the KV, at HBM_BW."""
     d, f, hd = cfg.d_model, cfg.ffn_dim, cfg.head_dim
     per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d + 3 * d * f
-    weights = cfg.num_layers * per_layer / n + cfg.vocab_size * d
+    head = cfg.vocab_size * d / (n if cfg.vocab_size % n == 0 else 1)
+    weights = cfg.num_layers * per_layer / n + head
     kv = batch * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * hd / n
     return (weights + kv) * bytes_per / HBM_BW * 1e3
 

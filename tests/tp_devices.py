@@ -90,9 +90,13 @@ def _hlo_collectives(model, params, mesh) -> dict:
     # the layer's all-reduces carry [rows, d_model] activations (after wo, after w_down)
     hidden = [ln for ln in lines if "all-reduce(" in ln and
               any(dims.endswith(f",{CFG.d_model}") for dims in _shapes(ln))]
+    # the vocabulary-split lm_head's greedy argmax: per device a (max, index) pair per row, gathered
+    gathered = [int(np.prod([int(x) for x in _shapes(ln)[0].split(",") if x]))
+                for ln in lines if "all-gather(" in ln]
     return {"all_reduce": sum("all-reduce(" in ln for ln in lines),
             "hidden_all_reduce": len(hidden),
-            "all_gather": sum("all-gather(" in ln for ln in lines),
+            "all_gather": len(gathered), "largest_all_gather": max(gathered, default=0),
+            "rows": eng.B, "lm_head_spec": str(eng.params["lm_head"].sharding.spec),
             "all_to_all": sum("all-to-all(" in ln for ln in lines),
             "pool_sized_all_gather": len(big)}
 
@@ -100,7 +104,7 @@ def _hlo_collectives(model, params, mesh) -> dict:
 def _shapes(line: str) -> list[str]:
     import re  # noqa: PLC0415
 
-    return re.findall(r"f32\[([0-9,]*)\]", line)
+    return re.findall(r"(?:f32|s32|pred)\[([0-9,]*)\]", line)
 
 
 def _errors() -> dict:
