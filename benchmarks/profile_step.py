@@ -96,6 +96,31 @@ def per_device(trace: str, steps: int, top: int = 8) -> dict:
     return out
 
 
+HOST_EVENTS = ("GpuExecutable::ExecuteThunks", "Thunks::Initialize", "command_buffer::initialize",
+               "command_buffer::update", "cuGraphLaunch", "Rendezvous")
+
+
+def host_summary(trace: str, executions: int) -> dict:
+    """XLA's host side per program execution (summed over device threads, so / devices for one):
+    each of `HOST_EVENTS`, its total us per execution and how many a execution. A command buffer
+    whose recorded buffers moved is re-recorded in `command_buffer::initialize` / `::update`
+    (collectives re-traced by stream capture) before its `cuGraphLaunch`."""
+    events, _ = _load_trace(trace)
+    if events is None:
+        return {"error": f"no trace under {trace}"}
+    tot, cnt = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        n = str(e.get("name", ""))
+        for h in HOST_EVENTS:
+            if h in n:
+                tot[h] += e.get("dur", 0)
+                cnt[h] += 1
+    return {h: {"us_per_exec": round(tot[h] / executions, 1),
+                "per_exec": round(cnt[h] / executions, 2)} for h in HOST_EVENTS if cnt[h]}
+
+
 def summarize_trace(trace_dir: str, steps: int, top: int = 25) -> dict:
     """Kernel time by name, kernels per step and GPU idle time from a perfetto trace (all GPUs
     together: `per_device` gives each GPU's own)."""

@@ -3,7 +3,8 @@ all-reduces alone (no attention, no engine), timed back to back on 1 GPU, on N G
 process, and on N GPUs driven by one process each (`jax.distributed` on one host).
 
     python3 benchmarks/tp_layers_probe.py                       # 1 GPU, then N GPUs in one process
-    python3 benchmarks/tp_layers_probe.py --processes 2         # + N GPUs, one process per GPU
+    python3 benchmarks/tp_layers_probe.py --processes 1 2       # + N GPUs, one process per GPU
+    python3 benchmarks/tp_layers_probe.py --collectives-in-graphs --trace-dir /tmp/probe
 
 One "layer" is the Megatron-split projections of a Llama-3-8B layer at batch `--batch`:
 h @ wqkv (columns split) -> h @ wo (rows split) -> all-reduce -> h @ w_gate_up (columns)
@@ -24,6 +25,7 @@ all-reduces into the command buffers (one graph per program).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -77,43 +79,79 @@ def run(args) -> dict:
         x32 = x.astype(jnp.float32)
         return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5)).astype(dt)
 
-    def step(layers, head, h):
+    def step(layers, head, h, x):
+        if x is not None:   # a per-call input read by the first command, as the engine's steps have
+            h = h + x[:, None].astype(dt) * jnp.asarray(1e-3, dt)
         for ly in layers:
-            qkv = norm(h) @ ly["wqkv"]
-            # stand-in for attention: the q heads, unchanged (keeps qkv live, same shapes out)
-            h = h + qkv[:, :HQ * HD] @ ly["wo"]
+            qkv = norm(h) @ ly["wqkv"]   # columns: N groups of [q_i | k_i | v_i] (sharding.py)
+            q = qkv.reshape(h.shape[0], args.gpus, -1)[:, :, :HQ * HD // args.gpus]
+            # stand-in for attention: the q heads, unchanged (same shapes out, nothing resharded)
+            h = h + q.reshape(h.shape[0], HQ * HD) @ ly["wo"]
             gu = norm(h) @ ly["w_gate_up"]
             gu = gu.reshape(h.shape[0], args.gpus, 2, FFN // args.gpus)
             act = (jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(h.shape[0], FFN)
             h = h + act @ ly["w_down"]
         tok = jnp.argmax(jnp.dot(norm(h), head, preferred_element_type=jnp.float32), -1)
-        return h * jnp.asarray(0.5, dt) + tok[:, None].astype(dt) * jnp.asarray(1e-6, dt)
+        h = h * jnp.asarray(0.5, dt) + tok[:, None].astype(dt) * jnp.asarray(1e-6, dt)
+        return h, tok.astype(jnp.int32)
 
-    f = jax.jit(step, in_shardings=(None, None, rep), out_shardings=rep, donate_argnums=2)
-    h = jax.jit(lambda: jnp.ones((args.batch, D), dt), out_shardings=rep)()
-    t0 = time.perf_counter()
-    h = f(layers, head, h)
-    jax.block_until_ready(h)
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.iters):
-        h = f(layers, head, h)
-    jax.block_until_ready(h)
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            h = f(layers, head, h)
-        jax.block_until_ready(h)
-        times.append((time.perf_counter() - t0) / args.iters * 1e3)
-    hlo = f.lower(layers, head, h).compile().as_text()
     weights = sum(int(np.prod(s)) for s, _ in shapes.values()) * args.layers / args.gpus
     weights += D * VOCAB / (args.gpus if VOCAB % args.gpus == 0 else 1)
-    return dict(gpus=args.gpus, processes=jax.process_count(), batch=args.batch,
-                layers=args.layers, step_ms=statistics.median(times),
-                step_ms_all=[round(t, 3) for t in times],
-                all_reduces=hlo.count("all-reduce-start(") + hlo.count(" all-reduce("),
-                weights_floor_ms=weights * 2 / 4.3e12 * 1e3, compile_s=round(compile_s, 1),
-                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    f = jax.jit(step, in_shardings=(None, None, rep, rep), out_shardings=(rep, rep),
+                donate_argnums=2)
+    out = []
+    for mode in args.modes:
+        fresh = mode == "fresh"
+        rng = np.random.default_rng(0)
+
+        def call(h):
+            # "fresh": a new host array each call (a new device buffer) and a new token output,
+            # like the engine's packed step inputs and its read-back; "stable": h alone, donated
+            # and aliased to the output, so every buffer the program touches keeps its address
+            x = rng.integers(0, 4, args.batch, dtype=np.int32) if fresh else None
+            h, tok = f(layers, head, h, x)
+            return h
+
+        h = jax.jit(lambda: jnp.ones((args.batch, D), dt), out_shardings=rep)()
+        t0 = time.perf_counter()
+        h = jax.block_until_ready(call(h))
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.iters):
+            h = call(h)
+        jax.block_until_ready(h)
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                h = call(h)
+            jax.block_until_ready(h)
+            times.append((time.perf_counter() - t0) / args.iters * 1e3)
+        row = dict(gpus=args.gpus, processes=jax.process_count(), mode=mode, batch=args.batch,
+                   layers=args.layers, step_ms=statistics.median(times),
+                   step_ms_all=[round(t, 3) for t in times], weights_floor_ms=weights * 2 / 4.3e12 * 1e3,
+                   compile_s=round(compile_s, 1), xla_flags=os.environ.get("XLA_FLAGS", ""))
+        if args.trace_dir:   # every process runs the executions (collectives); process 0 traces
+            import profile_step  # noqa: PLC0415  (benchmarks/profile_step.py)
+
+            tdir = os.path.join(args.trace_dir, f"g{args.gpus}p{jax.process_count()}_{mode}_"
+                                f"{'coll' if 'COLLECTIVES' in row['xla_flags'] else 'nocoll'}")
+            n_exec = 5
+            with (jax.profiler.trace(tdir) if jax.process_index() == 0 else
+                  contextlib.nullcontext()):
+                for _ in range(n_exec):
+                    h = call(h)
+                jax.block_until_ready(h)
+        if args.trace_dir and jax.process_index() == 0:
+            row["host"] = profile_step.host_summary(tdir, n_exec)
+            # kernel time by name for one GPU: (name, us per execution, launches per execution)
+            row["kernels_per_gpu"] = profile_step.summarize_trace(
+                tdir, n_exec * args.gpus, top=10).get("top", [])
+            dev = profile_step.per_device(tdir, n_exec, top=4)
+            row["device"] = {k: v if not isinstance(v, dict) else
+                             {a: v[a] for a in ("busy_us_per_step", "idle_us_per_step", "gaps")}
+                             for k, v in dev.items()}
+        out.append(row)
+    return out
 
 
 def child(args):
@@ -126,9 +164,10 @@ def child(args):
                                num_processes=args.processes, process_id=args.rank,
                                local_device_ids=None if args.smoke else [args.rank])
     assert jax.process_count() == args.processes and len(jax.local_devices()) == 1
-    res = run(args)
+    rows = run(args)
     if args.rank == 0:
-        print("RESULT " + json.dumps(res), flush=True)
+        for r in rows:
+            print("RESULT " + json.dumps(r), flush=True)
     jax.distributed.shutdown()
 
 
@@ -136,7 +175,9 @@ def spawn(args, extra_env: dict) -> list[dict]:
     """Run `run` in fresh processes: one over `--gpus` devices, or `--processes` of them."""
     base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
             "--layers", str(args.layers), "--iters", str(args.iters), "--reps", str(args.reps),
-            "--gpus", str(args.gpus)] + (["--smoke"] if args.smoke else [])
+            "--gpus", str(args.gpus), "--modes", *args.modes] + \
+        (["--smoke"] if args.smoke else []) + \
+        (["--trace-dir", args.trace_dir] if args.trace_dir else [])
     env = dict(os.environ, **extra_env)
     if args.smoke:   # one CPU device per process, N in the single-process run
         env["JAX_PLATFORMS"] = "cpu"
@@ -173,6 +214,13 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--collectives-in-graphs", action="store_true",
                     help="also time each N-GPU run with COLLECTIVES in XLA's command buffers")
+    ap.add_argument("--modes", nargs="+", default=["fresh", "stable"], choices=("fresh", "stable"),
+                    help="fresh: a new input buffer and a new output each call (as the engine "
+                         "calls its steps); stable: every buffer keeps its address (donated)")
+    ap.add_argument("--trace-dir", default=None,
+                    help="also trace 5 executions of each and print XLA's host side per "
+                         "execution (command-buffer re-recording, graph launches) and each GPU's "
+                         "busy / idle time")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU devices (gloo across processes): the plumbing only")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
@@ -184,7 +232,8 @@ def main(argv=None):
         args.processes = args.processes[0]
         return child(args)
     if args.in_process:
-        print("RESULT " + json.dumps(run(args)), flush=True)
+        for r in run(args):
+            print("RESULT " + json.dumps(r), flush=True)
         return None
     n = args.gpus
     rows = []
@@ -200,12 +249,15 @@ def main(argv=None):
                 r["variant"] = f"{gpus} GPU(s), {procs} process(es){label and ' ' + label}"
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    one = next((r["step_ms"] for r in rows if r["gpus"] == 1), None)
-    print(f"\n{'variant':48s} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'speedup':>7}")
+    one = {r["mode"]: r["step_ms"] for r in rows if r["gpus"] == 1}
+    print(f"\n{'variant':48s} {'inputs':>6} {'step ms':>8} {'floor ms':>8} {'x floor':>7} "
+          f"{'speedup':>7} {'re-record us':>12}")
     for r in rows:
-        print(f"{r['variant']:48s} {r['step_ms']:8.3f} {r['weights_floor_ms']:8.3f} "
+        rec = r.get("host", {}).get("command_buffer::initialize", {}).get("us_per_exec", "")
+        print(f"{r['variant']:48s} {r['mode']:>6} {r['step_ms']:8.3f} {r['weights_floor_ms']:8.3f} "
               f"{r['step_ms'] / r['weights_floor_ms']:7.2f} "
-              f"{'' if one is None else format(one / r['step_ms'], '7.2f')}")
+              f"{format(one[r['mode']] / r['step_ms'], '7.2f') if r['mode'] in one else '':>7} "
+              f"{rec:>12}")
     return rows
 
 
