@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -99,6 +100,11 @@ def run(args) -> dict:
     weights += D * VOCAB / (args.gpus if VOCAB % args.gpus == 0 else 1)
     f = jax.jit(step, in_shardings=(None, None, rep, rep), out_shardings=(rep, rep),
                 donate_argnums=2)
+    # the program's collectives: 2 all-reduces a layer as in the model, and nothing resharded
+    hlo = f.lower(layers, head, jax.ShapeDtypeStruct((args.batch, D), dt, sharding=rep),
+                  np.zeros(args.batch, np.int32)).compile().as_text()
+    collectives = {op: len(re.findall(rf"= [^=]*\b{op}(?:-start)?\(", hlo))
+                   for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute")}
     out = []
     for mode in args.modes:
         fresh = mode == "fresh"
@@ -128,7 +134,8 @@ def run(args) -> dict:
             times.append((time.perf_counter() - t0) / args.iters * 1e3)
         row = dict(gpus=args.gpus, processes=jax.process_count(), mode=mode, batch=args.batch,
                    layers=args.layers, step_ms=statistics.median(times),
-                   step_ms_all=[round(t, 3) for t in times], weights_floor_ms=weights * 2 / 4.3e12 * 1e3,
+                   step_ms_all=[round(t, 3) for t in times], collectives=collectives,
+                   weights_floor_ms=weights * 2 / 4.3e12 * 1e3,
                    compile_s=round(compile_s, 1), xla_flags=os.environ.get("XLA_FLAGS", ""))
         if args.trace_dir:   # every process runs the executions (collectives); process 0 traces
             import profile_step  # noqa: PLC0415  (benchmarks/profile_step.py)

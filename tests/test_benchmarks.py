@@ -77,6 +77,53 @@ def test_profile_step_per_device_timeline_of_a_synthetic_trace(tmp_path):
     assert d["graph_launches_per_step_per_gpu"] == 1.0      # 4 launches, 2 steps, 2 GPUs
 
 
+def test_profile_step_host_summary_of_a_synthetic_trace(tmp_path):
+    """`host_summary`: XLA's host events per execution (2 executions), summed by hand."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_step  # noqa: PLC0415
+
+    x = lambda name, dur: {"ph": "X", "pid": 3, "tid": 0, "name": name, "ts": 0,  # noqa: E731
+                           "dur": dur}
+    ev = [x("command_buffer::initialize", 1900), x("command_buffer::initialize", 2100),
+          x("cuGraphLaunch (CudaGraph:7)", 40), x("cuGraphLaunch (CudaGraph:8)", 60),
+          x("cuGraphLaunch (CudaGraph:7)", 50), x("[1] GpuExecutable::ExecuteThunks", 3000),
+          x("gemm_fusion_dot", 99)]
+    path = tmp_path / "h.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    h = profile_step.host_summary(str(path), executions=2)
+    assert h["command_buffer::initialize"] == {"us_per_exec": 2000.0, "per_exec": 1.0}
+    assert h["cuGraphLaunch"] == {"us_per_exec": 75.0, "per_exec": 1.5}
+    assert h["GpuExecutable::ExecuteThunks"] == {"us_per_exec": 1500.0, "per_exec": 0.5}
+    assert "command_buffer::update" not in h and "Rendezvous" not in h
+
+
+@pytest.mark.slow
+def test_tp_layers_probe_runs_on_cpu_devices():
+    """benchmarks/tp_layers_probe.py --smoke: 1 and 2 CPU devices in one process, both input
+    modes; the 2-device program has the model's collectives (2 all-reduces a layer, the greedy
+    argmax's all-gathers of the vocabulary-split lm_head) and reshards nothing."""
+    layers = 3
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tp_layers_probe.py"),
+                          "--smoke", "--layers", str(layers), "--iters", "2", "--reps", "1",
+                          "--timeout", "300"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert [(r["gpus"], r["mode"]) for r in rows] == [(1, "fresh"), (1, "stable"),
+                                                      (2, "fresh"), (2, "stable")]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["processes"] == 1
+        c = r["collectives"]
+        assert c["all-to-all"] == 0 and c["collective-permute"] == 0
+        if r["gpus"] == 1:
+            assert c == {"all-reduce": 0, "all-gather": 0, "all-to-all": 0, "collective-permute": 0}
+        else:
+            assert c["all-reduce"] == 2 * layers and 1 <= c["all-gather"] <= 2
+
+
 def test_serve_bench_host_section_times_the_engine_alone(tmp_path):
     """`serve_bench.py host`: the engine's host work per decode step, with a step program that does
     nothing on the device, for each batch and K."""
