@@ -240,7 +240,8 @@ def _backend(graphs: bool):
 
 
 def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: bool = False,
-                 params=None, decode_steps: int = 1, decode_kernel: str = "auto") -> dict:
+                 params=None, decode_steps: int = 1, decode_kernel: str = "auto",
+                 overlap: bool = False) -> dict:
     """Per decode step (ms): served (Engine.step in steady state, sub-steps counted), device-bound
     (the same program back to back), the HBM floor; torch + FlashInfer when `torch_too`."""
     cfg, ctx = SHAPES[shape]
@@ -249,12 +250,12 @@ def bench_decode(shape: str, batch: int, n_steps: int, torch_too: bool, graphs: 
     start, G, extra = timed_fill(ctx, batch, n_steps, K, chunk=512)
     eng = _engine(cfg, params, batch, start, extra_tokens=extra, chunk=512,
                   backend=_backend(graphs), decode_steps=K, decode_kernel=decode_kernel,
-                  mixed_steps=False)   # the fill needs no batch-POD kernel: decode is measured
+                  mixed_steps=False, overlap_dispatch=overlap)   # the fill needs no batch-POD kernel: decode is measured
     _fill(eng, batch, start, max_new=extra - 32)
     lens = kv_len_timed(eng, G)
     served_ms, bound_ms, _ = time_steps(eng, n_steps, K)
     res = dict(shape=shape, batch=batch, ctx=ctx, cuda_graphs=graphs, decode_steps=K,
-               decode_kernel=decode_kernel, kv_len_timed=lens,
+               decode_kernel=decode_kernel, overlap_dispatch=overlap, kv_len_timed=lens,
                served_ms=served_ms, device_bound_ms=bound_ms,
                hbm_floor_ms=hbm_floor_ms(cfg, batch, ctx))
     del eng
@@ -399,6 +400,8 @@ def main(argv=None):
                     choices=("auto", "tensor_core", "cuda_core"),
                     help="FlashInfer decode kernels to measure the engine's step with (auto: the "
                          "backend's choice for the model's GQA group)")
+    ap.add_argument("--overlap-dispatch", choices=("off", "on", "both"), default="off",
+                    help="EngineConfig.overlap_dispatch for the decode rows (affects 'served')")
     ap.add_argument("--legacy", default=None, help="a checkout of the code before the engine (e2e)")
     a = ap.parse_args(argv)
     secs = {"decode", "mixed", "e2e"} if "all" in a.sections else set(a.sections)
@@ -409,18 +412,21 @@ def main(argv=None):
         modes = {"on": (True,), "off": (False,), "both": (False, True)}[a.cuda_graphs]
         for shape in a.shapes:
             for b in a.batches:
-                variants = [(g, k, dk) for g in modes for k in a.decode_steps
-                            for dk in a.decode_kernel]
-                for i, (g, k, dk) in enumerate(variants):
+                overlaps = {"off": (False,), "on": (True,), "both": (False, True)}[
+                    a.overlap_dispatch]
+                variants = [(g, k, dk, o) for g in modes for k in a.decode_steps
+                            for dk in a.decode_kernel for o in overlaps]
+                for i, (g, k, dk, o) in enumerate(variants):
                     last = i == len(variants) - 1    # torch once per shape and batch
                     r = bench_decode(shape, b, a.steps, torch_too=last and not a.no_torch,
-                                     graphs=g, decode_steps=k, decode_kernel=dk)
+                                     graphs=g, decode_steps=k, decode_kernel=dk, overlap=o)
                     rows.append(r)
                     log(json.dumps(r))
         results["decode"] = rows
         log(f"\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
         log(f"\ndecode step, ms ({jax.devices()[0].device_kind})")
-        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'kernel':>11} {'served':>8} {'dev-bound':>9} "
+        log(f"{'shape':6} {'batch':>5} {'graphs':>6} {'K':>2} {'kernel':>11} {'overlap':>7} "
+            f"{'served':>8} {'dev-bound':>9} "
             f"{'torch eager':>11} {'torch graph':>11} {'HBM floor':>9} {'served/graph':>12} "
             f"{'served/floor':>12} {'served/bound':>12}")
         torch_at = {(r["shape"], r["batch"]): r for r in rows if "torch_graph_ms" in r}
@@ -428,7 +434,9 @@ def main(argv=None):
             t = torch_at.get((r["shape"], r["batch"]), {})
             te, tg = t.get("torch_eager_ms", float("nan")), t.get("torch_graph_ms", float("nan"))
             log(f"{r['shape']:6} {r['batch']:5d} {'on' if r['cuda_graphs'] else 'off':>6} "
-                f"{r['decode_steps']:2d} {r['decode_kernel']:>11} {r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
+                f"{r['decode_steps']:2d} {r['decode_kernel']:>11} "
+                f"{'on' if r['overlap_dispatch'] else 'off':>7} "
+                f"{r['served_ms']:8.3f} {r['device_bound_ms']:9.3f} "
                 f"{te:11.3f} {tg:11.3f} {r['hbm_floor_ms']:9.3f} {r['served_ms'] / tg:12.2f} "
                 f"{r['served_ms'] / r['hbm_floor_ms']:12.2f} "
                 f"{r['served_ms'] / r['device_bound_ms']:12.2f}")

@@ -124,7 +124,8 @@ def _backend(n: int, mesh, transport: str, provider: str):
 
 def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
                  transport: str, devices, provider: str = "flashinfer",
-                 decode_steps: int = 1, trace_dir: str | None = None) -> dict:
+                 decode_steps: int = 1, trace_dir: str | None = None,
+                 overlap: bool = False) -> dict:
     mesh = sharding.tp_mesh(n, devices=devices)
     params = random_params(cfg, mesh)
     K = decode_steps
@@ -140,7 +141,7 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
         chunk=chunk, prefix_cache=False,
         mixed_steps=False,   # decode is measured: no batch-POD programs to compile
         backend=_backend(n, mesh, transport, provider),
-        mesh=mesh if n > 1 else None, decode_steps=K))
+        mesh=mesh if n > 1 else None, decode_steps=K, overlap_dispatch=overlap))
     t0 = time.perf_counter()
     eng.warmup()
     log(f"  {n} GPU(s), batch {batch}: warm-up {time.perf_counter() - t0:.1f} s")
@@ -154,7 +155,7 @@ def bench_decode(cfg: LlamaConfig, n: int, batch: int, ctx: int, n_steps: int,
     if n > 1:
         sharding.check_pool_sharding(kv, cache, mesh)
     res = dict(gpus=n, batch=batch, ctx=ctx, kv_len_timed=lens, transport=transport,
-               decode_steps=K,
+               decode_steps=K, overlap_dispatch=overlap,
                served_ms=served_ms,
                device_bound_ms=bound_ms,
                tok_s_device_bound=batch / bound_ms * 1e3, tok_s_served=batch / served_ms * 1e3,
@@ -222,6 +223,9 @@ def main(argv=None):
                     help="only time one layer's all-reduces ([batch, d] float16 psum) on all "
                          "devices for each --batches value (NCCL_PROTO / NCCL_ALGO / XLA_FLAGS "
                          "variants are compared with this, one process each)")
+    ap.add_argument("--overlap-dispatch", action="store_true",
+                    help="EngineConfig.overlap_dispatch: the step programs' calls on a worker "
+                         "thread, the next step's host work meanwhile (affects 'served')")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny float16 model on CPU devices with the bridge's torch kernels: "
@@ -251,7 +255,8 @@ def main(argv=None):
             log(f"decode, {'smoke' if args.smoke else '8B'} shape, {n} device(s), batch {batch}, "
                 f"ctx {args.ctx}")
             rows.append(bench_decode(cfg, n, batch, args.ctx, args.steps, args.transport,
-                                     devices, provider, args.decode_steps, args.trace_dir))
+                                     devices, provider, args.decode_steps, args.trace_dir,
+                                     args.overlap_dispatch))
             log("  ", json.dumps(rows[-1]))
     log(f"\n{'GPUs':>4} {'batch':>5} {'served ms':>9} {'bound ms':>8} {'tok/s':>8} "
         f"{'floor/GPU ms':>12} {'bound/floor':>11} {'AR/layer us':>11} {'speedup':>7}")

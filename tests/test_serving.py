@@ -60,6 +60,8 @@ MODES = {
     "multi_step_sync_device_plans": {"decode_steps": 4, "async_steps": False, "host_plans": False},
     "all_off": {"async_steps": False, "mixed_steps": False, "prefix_cache": False,
                 "host_plans": False},
+    "overlap_dispatch": {"overlap_dispatch": True},
+    "overlap_dispatch_multi_step": {"overlap_dispatch": True, "decode_steps": 3},
 }
 
 
@@ -254,10 +256,32 @@ def _random_workload(n_requests, seed, check_mirror=False, shared_prefix=False, 
 
 
 @pytest.mark.parametrize("cfg", [{}, {"prefix_cache": False, "mixed_steps": False},
-                                 {"decode_steps": 3}])
+                                 {"decode_steps": 3}, {"overlap_dispatch": True}])
 def test_random_workload_with_cancellations_leaks_no_page(cfg):
     eng = _random_workload(60, 11, **cfg)
     assert eng.check_idle() == {"pages_in_use": 0, "active_slots": 0}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_overlapped_dispatch_serves_the_same_tokens(steps):
+    """EngineConfig.overlap_dispatch (step programs called on a worker thread while the host
+    prepares the next step) against the same engine calling them inline: the same tokens,
+    sampled ones included, step for step, and the same steps; the worker's calls all landed."""
+    prompts = _prompts(5, 10, lo=2, hi=25)
+    sampling = [SamplingParams(max_new_tokens=int(n), temperature=t, seed=i, top_k=k)
+                for i, (n, t, k) in enumerate(zip([3, 9, 1, 6, 12, 4, 7, 2, 10, 5],
+                                                  [0.0, 0.9] * 5, [0, 0, 5, 0, 3] * 2))]
+    runs = {}
+    for overlap in (False, True):
+        eng = _engine(decode_steps=steps, overlap_dispatch=overlap)
+        hs = [eng.submit(p, sp) for p, sp in zip(prompts, sampling)]
+        trace = []
+        while eng.step():
+            trace.append(sum(len(h.tokens) for h in hs))
+        runs[overlap] = ([h.tokens for h in hs], trace, dict(eng.stats.steps), eng.check_idle())
+        assert eng._inflight is None and all(p.out is not None for p in eng._pending)
+    assert runs[True] == runs[False]
+    assert runs[True][3] == {"pages_in_use": 0, "active_slots": 0}
 
 
 @pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 3])

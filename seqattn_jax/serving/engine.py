@@ -34,6 +34,7 @@ except the lagged tokens, with or without the prefix cache.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -88,6 +89,12 @@ class EngineConfig:
         tokens and step inputs replicated; the params must be laid out for it
         (`sharding.shard_llama`).
       mesh_axis: the mesh axis the heads are split over.
+      overlap_dispatch: run each step program's dispatch (`jax.jit`'s call: XLA launching the
+        step's kernels and CUDA graphs, which holds the calling thread until they are enqueued)
+        on a worker thread, so the host's Python for the next step (scheduling, host plans,
+        inputs) runs meanwhile. Tokens, order and results are the same; it pays where that launch
+        is long, e.g. tensor parallel, whose all-reduces cut a step into dozens of graphs and
+        thunks launched per device (see benchmarks/README.md, "Session 8").
     """
 
     chunk: int = 256
@@ -101,6 +108,7 @@ class EngineConfig:
     backend: object = "auto"
     mesh: object = None
     mesh_axis: str = "tp"
+    overlap_dispatch: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "max_prefill_requests", "decode_steps"):
@@ -257,7 +265,8 @@ class RequestHandle:
 class _Pending:
     """A dispatched step whose tokens the host has not read yet."""
 
-    out: jax.Array                        # int32 [R + 2]: tokens, then allocation ok, plan ok
+    out: jax.Array | None                 # int32 [R + 2]: tokens, then allocation ok, plan ok
+    #                                       (None while its dispatch runs on the worker thread)
     rows: list                            # (row index, request) whose token counts
     kind: str
 
@@ -305,6 +314,11 @@ class Engine:
                 raise ValueError(f"Engine: model.{name} = {got!r} does not match the cache config's "
                                  f"{name} = {want}")
         self.model, self.params, self.cache, self.config = model, params, cache, config
+        # overlap_dispatch: the step program call running on the worker (future, its _Pending,
+        # whether it adopted host plans); kv / state / last_tok wait for it (the properties)
+        self._inflight = None
+        self._worker = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="seqattn-dispatch") if config.overlap_dispatch else None
         self.B = cache.max_seqs
         self.Bp = min(config.max_prefill_requests, cache.max_seqs)
         self.backend = default_backend(config.backend) if isinstance(config.backend, str) \
@@ -339,6 +353,63 @@ class Engine:
         self._rc: np.ndarray | None = None               # prefix cache: the mirror's refcounts
         self._alloc = jax.jit(lambda s, ids, lens: allocate(s, ids, lens), donate_argnums=(0,))
         self._release = jax.jit(lambda s, ids: release(s, ids), donate_argnums=(0,))
+
+    # ------------------------------------------------------------------------ device arrays
+    # The pool, allocator state and last tokens are replaced by every step program. With
+    # `overlap_dispatch` the latest call may still be running on the worker thread: reading or
+    # replacing them first waits for it (`_settle`), so every other method sees a settled engine.
+
+    @property
+    def kv(self) -> jax.Array:
+        self._settle()
+        return self._kv
+
+    @kv.setter
+    def kv(self, value) -> None:
+        self._settle()
+        self._kv = value
+
+    @property
+    def state(self):
+        self._settle()
+        return self._state
+
+    @state.setter
+    def state(self, value) -> None:
+        self._settle()
+        self._state = value
+
+    @property
+    def last_tok(self) -> jax.Array:
+        self._settle()
+        return self._last_tok
+
+    @last_tok.setter
+    def last_tok(self, value) -> None:
+        self._settle()
+        self._last_tok = value
+
+    def _land(self, pend: _Pending, host_plan: bool, call) -> None:
+        """Run a step program's `call` (or take its result) and store what it returned."""
+        try:
+            self._kv, self._state, self._last_tok, out = call()
+        except Exception:
+            if host_plan:
+                self.backend.discard_host_plans()
+            raise
+        # start the read-back now: enqueued behind this step only, so reading it after the next
+        # step is dispatched does not wait for that step too (the GPU would idle meanwhile)
+        out.copy_to_host_async()
+        pend.out = out
+
+    def _settle(self) -> None:
+        """Wait for the step program call on the worker thread, if any, and store its results
+        (its exception, if it raised, is raised here)."""
+        if self.__dict__.get("_inflight") is None:
+            return
+        fut, pend, host_plan = self._inflight
+        self._inflight = None
+        self._land(pend, host_plan, fut.result)
 
     # ------------------------------------------------------------------------ public API
 
@@ -817,21 +888,18 @@ class Engine:
         flat, host_plan = fold_host_plan(pack_inputs(step_inputs_spec(kind, B, Bp, C), inp),
                                          host_plan)
         fn = self._step_fn(kind, C)
-        try:
-            self.kv, self.state, self.last_tok, out = fn(
-                self.params, self.kv, self.state, self.last_tok, flat, host_plan)
-        except Exception:
-            if use_host_plan:
-                self.backend.discard_host_plans()
-            raise
+        pend = _Pending(None, rows, kind_name)
+        # reading kv / state / last_tok waits for the previous step's call (overlap_dispatch)
+        args = (self.params, self.kv, self.state, self.last_tok, flat, host_plan)
+        if self._worker is None:
+            self._land(pend, use_host_plan, lambda: fn(*args))
+        else:
+            self._inflight = (self._worker.submit(fn, *args), pend, use_host_plan)
         self.stats.multi_steps += steps > 1
         if self.pc is not None and decode:   # the step's decode allocations, on the mirror
             self._host = mirror_decode(self._host, d_ids, d_n if steps > 1 else None, steps)
-        # start the read-back now: enqueued behind this step only, so reading it after the next
-        # step is dispatched does not wait for that step too (the GPU would idle meanwhile)
-        out.copy_to_host_async()
         self.stats.steps[kind_name] += 1
-        self._pending.append(_Pending(out, rows, kind_name))
+        self._pending.append(pend)
         in_use = cfg.num_pages - self._free
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
 
@@ -876,6 +944,8 @@ class Engine:
         self._checks.clear()
 
     def _receive(self, p: _Pending) -> None:
+        if p.out is None:                       # its dispatch is still on the worker thread
+            self._settle()
         out = np.asarray(p.out)                 # the one device-to-host read of a step
         toks, flags = out[:-2].tolist(), out[-2:]
         if not flags[0]:
