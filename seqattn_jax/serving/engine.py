@@ -92,9 +92,12 @@ class EngineConfig:
       overlap_dispatch: run each step program's dispatch (`jax.jit`'s call: XLA launching the
         step's kernels and CUDA graphs, which holds the calling thread until they are enqueued)
         on a worker thread, so the host's Python for the next step (scheduling, host plans,
-        inputs) runs meanwhile. Tokens, order and results are the same; it pays where that launch
-        is long, e.g. tensor parallel, whose all-reduces cut a step into dozens of graphs and
-        thunks launched per device (see benchmarks/README.md, "Session 8").
+        inputs) runs meanwhile. Tokens, order and results are the same. Off by default: on a CPU
+        the thread hand-off costs more than it hides, on one H200 it changed nothing (8B, batch
+        64: served 7.48 vs 7.51 ms), on two the served tensor-parallel step was 5.78 ms against
+        5.67 and 6.63 ms inline in two runs, i.e. as fast as the best inline run, held there by
+        XLA's own launch of the step's 67 graphs and 64 all-reduces (benchmarks/README.md,
+        "Session 8", run T5).
     """
 
     chunk: int = 256
