@@ -274,6 +274,25 @@ class _Pending:
     kind: str
 
 
+class _Settled:
+    """An `Engine` attribute that every step program replaces (the pool, the allocator state, the
+    last tokens). Reading or replacing it first waits for the step program call still running on
+    the worker thread, if any (`EngineConfig.overlap_dispatch`; `Engine._settle`)."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, eng, owner=None):
+        if eng is None:
+            return self
+        eng._settle()
+        return getattr(eng, self.slot)
+
+    def __set__(self, eng, value):
+        eng._settle()
+        setattr(eng, self.slot, value)
+
+
 # Trace counts of the step programs, by (model, cache, kind, B, Bp, C, backend): each compiles once
 # per process however many engines use it (tests and `chex.assert_max_traces`-style checks read it).
 STEP_TRACES: collections.Counter = collections.Counter()
@@ -362,35 +381,9 @@ class Engine:
     # `overlap_dispatch` the latest call may still be running on the worker thread: reading or
     # replacing them first waits for it (`_settle`), so every other method sees a settled engine.
 
-    @property
-    def kv(self) -> jax.Array:
-        self._settle()
-        return self._kv
-
-    @kv.setter
-    def kv(self, value) -> None:
-        self._settle()
-        self._kv = value
-
-    @property
-    def state(self):
-        self._settle()
-        return self._state
-
-    @state.setter
-    def state(self, value) -> None:
-        self._settle()
-        self._state = value
-
-    @property
-    def last_tok(self) -> jax.Array:
-        self._settle()
-        return self._last_tok
-
-    @last_tok.setter
-    def last_tok(self, value) -> None:
-        self._settle()
-        self._last_tok = value
+    kv = _Settled()          # jax.Array: the pool (`CacheConfig.kv_shape`)
+    state = _Settled()       # the allocator's `State`
+    last_tok = _Settled()    # int32 [max_seqs]: each slot's last sampled token
 
     def _land(self, pend: _Pending, host_plan: bool, call) -> None:
         """Run a step program's `call` (or take its result) and store what it returned."""
