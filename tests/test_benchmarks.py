@@ -124,6 +124,31 @@ def test_tp_layers_probe_runs_on_cpu_devices():
             assert c["all-reduce"] == 2 * layers and 1 <= c["all-gather"] <= 2
 
 
+@pytest.mark.slow
+def test_tp_bench_smoke_on_cpu_devices(tmp_path):
+    """benchmarks/tp_bench.py --smoke over 1 and 2 CPU devices (the bridge's torch kernels), with
+    the engine's dispatch on its worker thread: the rows it writes, their floors (the 2-device
+    floor reads half the layers, the lm_head and the KV) and the all-reduce cost on 2 devices."""
+    pytest.importorskip("torch", reason="--smoke runs the bridge's torch kernels")
+    import os  # noqa: PLC0415
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                          " --xla_force_host_platform_device_count=2").strip())
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tp_bench.py"), "--smoke",
+                          "--gpus", "1", "2", "--batches", "4", "--ctx", "32", "--steps", "6",
+                          "--overlap-dispatch", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("tp_bench_*.json")).read_text())["rows"]
+    assert [(r["gpus"], r["batch"], r["overlap_dispatch"]) for r in rows] == [(1, 4, True),
+                                                                           (2, 4, True)]
+    one, two = rows
+    assert one["served_ms"] > 0 and two["device_bound_ms"] > 0 and two["allreduce_us"] > 0
+    assert two["hbm_floor_ms_per_gpu"] == pytest.approx(one["hbm_floor_ms_per_gpu"] / 2)
+    assert two["speedup_vs_1gpu"] == pytest.approx(one["device_bound_ms"] / two["device_bound_ms"])
+
+
 def test_serve_bench_host_section_times_the_engine_alone(tmp_path):
     """`serve_bench.py host`: the engine's host work per decode step, with a step program that does
     nothing on the device, for each batch and K."""
