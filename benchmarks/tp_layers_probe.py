@@ -29,15 +29,23 @@ import contextlib
 import json
 import os
 import re
+import runpy
 import socket
 import statistics
 import subprocess
 import sys
 import time
 
-D, FFN, HQ, HKV, HD, VOCAB = 4096, 14336, 32, 8, 128, 128256
-GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN{}" \
-              " --xla_gpu_graph_min_graph_size=1"
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the serving scripts' command-buffer flags (seqattn_jax/xla_flags.py, loaded without the package);
+# the first one names the captured command kinds, to which "COLLECTIVES" can be added
+CMD_FLAGS = runpy.run_path(os.path.join(HERE, os.pardir, "seqattn_jax", "xla_flags.py"))[
+    "COMMAND_BUFFER_FLAGS"]
+
+
+def graph_flags(collectives: bool) -> str:
+    first, *rest = CMD_FLAGS
+    return " ".join([first + (",COLLECTIVES" if collectives else ""), *rest])
 
 
 def _free_port() -> int:
@@ -48,18 +56,23 @@ def _free_port() -> int:
 
 def run(args) -> dict:
     """Build the program over this process's view of the devices and time it. Returns a dict."""
-    global D, FFN, HQ, HKV, HD, VOCAB
-    if args.smoke:   # CPU plumbing check, not a measurement
-        D, FFN, HQ, HKV, HD, VOCAB = 64, 128, 4, 2, 16, 256
+    import dataclasses  # noqa: PLC0415
+
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
+    from tp_bench import CFG_8B, SMOKE, hbm_floor_ms  # noqa: PLC0415  (the shapes, the floor)
+
+    # --smoke: tp_bench's tiny shape on CPU devices, a plumbing check, not a measurement
+    cfg = dataclasses.replace(SMOKE if args.smoke else CFG_8B, num_layers=args.layers)
+    D, FFN, HQ, HKV, HD = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
     devs = jax.devices()[:args.gpus]
     mesh = Mesh(np.asarray(devs), ("tp",))
     col, row, rep = (NamedSharding(mesh, s) for s in (P(None, "tp"), P("tp", None), P()))
-    dt = jnp.float16
+    dt = jnp.dtype(cfg.dtype)
     shapes = {"wqkv": ((D, (HQ + 2 * HKV) * HD), col), "wo": ((HQ * HD, D), row),
               "w_gate_up": ((D, 2 * FFN), col), "w_down": ((FFN, D), row)}
 
@@ -74,7 +87,7 @@ def run(args) -> dict:
 
     layers = [{k: rnd(s, sh, 10 * i + j) for j, (k, (s, sh)) in enumerate(shapes.items())}
               for i in range(args.layers)]
-    head = rnd((D, VOCAB), col if VOCAB % args.gpus == 0 else rep, 7)
+    head = rnd((D, cfg.vocab_size), col if cfg.vocab_size % args.gpus == 0 else rep, 7)
 
     def norm(x):
         x32 = x.astype(jnp.float32)
@@ -96,8 +109,6 @@ def run(args) -> dict:
         h = h * jnp.asarray(0.5, dt) + tok[:, None].astype(dt) * jnp.asarray(1e-6, dt)
         return h, tok.astype(jnp.int32)
 
-    weights = sum(int(np.prod(s)) for s, _ in shapes.values()) * args.layers / args.gpus
-    weights += D * VOCAB / (args.gpus if VOCAB % args.gpus == 0 else 1)
     f = jax.jit(step, in_shardings=(None, None, rep, rep), out_shardings=(rep, rep),
                 donate_argnums=2)
     # the program's collectives: 2 all-reduces a layer as in the model, and nothing resharded
@@ -135,7 +146,7 @@ def run(args) -> dict:
         row = dict(gpus=args.gpus, processes=jax.process_count(), mode=mode, batch=args.batch,
                    layers=args.layers, step_ms=statistics.median(times),
                    step_ms_all=[round(t, 3) for t in times], collectives=collectives,
-                   weights_floor_ms=weights * 2 / 4.3e12 * 1e3,
+                   weights_floor_ms=hbm_floor_ms(cfg, 0, 0, args.gpus),   # no KV read
                    compile_s=round(compile_s, 1), xla_flags=os.environ.get("XLA_FLAGS", ""))
         if args.trace_dir:   # every process runs the executions (collectives); process 0 traces
             import profile_step  # noqa: PLC0415  (benchmarks/profile_step.py)
@@ -244,13 +255,13 @@ def main(argv=None):
         return None
     n = args.gpus
     rows = []
-    variants = [("", "")] + ([(",COLLECTIVES", "+collectives in graphs")]
-                             if args.collectives_in_graphs else [])
+    variants = [(False, "")] + ([(True, "+collectives in graphs")]
+                                if args.collectives_in_graphs else [])
     for gpus, procs in [(1, 1)] + [(n, p) for p in args.processes]:
-        for flag, label in variants if gpus > 1 else variants[:1]:
+        for collectives, label in variants if gpus > 1 else variants[:1]:
             sub = argparse.Namespace(**{**vars(args), "gpus": gpus, "processes": procs})
             env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " +
-                                 GRAPH_FLAGS.format(flag)).strip(),
+                                 graph_flags(collectives)).strip(),
                    "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
             for r in spawn(sub, env):
                 r["variant"] = f"{gpus} GPU(s), {procs} process(es){label and ' ' + label}"

@@ -337,7 +337,8 @@ class Engine:
                                  f"{name} = {want}")
         self.model, self.params, self.cache, self.config = model, params, cache, config
         # overlap_dispatch: the step program call running on the worker (future, its _Pending,
-        # whether it adopted host plans); kv / state / last_tok wait for it (the properties)
+        # whether it adopted host plans); kv / state / last_tok wait for it (_Settled); set first,
+        # before the first of those is assigned
         self._inflight = None
         self._worker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="seqattn-dispatch") if config.overlap_dispatch else None
@@ -401,7 +402,7 @@ class Engine:
     def _settle(self) -> None:
         """Wait for the step program call on the worker thread, if any, and store its results
         (its exception, if it raised, is raised here)."""
-        if self.__dict__.get("_inflight") is None:
+        if self._inflight is None:
             return
         fut, pend, host_plan = self._inflight
         self._inflight = None
